@@ -1,0 +1,3 @@
+from lora_worker.cli import main
+
+raise SystemExit(main())

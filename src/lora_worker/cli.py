@@ -1,0 +1,45 @@
+"""`python -m lora_worker <command> ...`: one entry point for the worker's terminal commands.
+
+Each command lives in the module named for what it does and exposes `main(argv) -> int`;
+this file only dispatches, importing the module lazily so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tiny-model": ("lora_worker.tiny_model", "write the tiny offline Llama-architecture model used by tests and the demo"),
+    "validate": ("lora_worker.data", "validate a dataset file and print its summary"),
+    "run": ("lora_worker.pipeline", "run one job from a JSON input file, without the RunPod queue"),
+    "bench": ("lora_worker.bench", "measure 70B-shaped QLoRA throughput and memory on the GPU"),
+    "deploy": ("lora_worker.deploy", "create or update the RunPod template and scale-to-zero endpoint"),
+    "local-endpoint": ("lora_worker.local_endpoint", "serve RunPod's queue protocol on loopback for local runs"),
+    "submit": ("lora_worker.client", "submit a training job to an endpoint (optionally --wait with a progress bar)"),
+    "status": ("lora_worker.client", "show a job's status"),
+    "cancel": ("lora_worker.client", "cancel a job"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: python -m lora_worker <command> [options]", "", "commands:"]
+    lines += [f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    # client.py serves three commands; it gets the command name as its first argument.
+    if module.__name__ == "lora_worker.client":
+        return int(module.main([command, *rest]) or 0)
+    return int(module.main(rest) or 0)
