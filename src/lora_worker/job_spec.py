@@ -1,0 +1,248 @@
+"""The job input, parsed once into one typed, immutable spec before any heavy work.
+
+Field docs live here, on the fields; the README's input table is generated from them
+(`input_table_markdown()`) and a test checks that the README carries the current table.
+Every problem in an input is collected and reported at once, each naming its field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_BASE_MODEL = "meta-llama/Meta-Llama-3-70B-Instruct"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class JobInputError(ValueError):
+    """A job input with one or more problems; `problems` lists each as 'field: what is wrong'."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid job input:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Strict(BaseModel):
+    # strict: "3" is not an int and 1 is not a bool; forbid: a misspelled key is an error, not a default.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Hyperparameters(_Strict):
+    """Training hyperparameters; names follow the seed's RunPod API."""
+
+    num_epochs: int = Field(3, ge=1, le=100, description="Passes over the training conversations.")
+    batch_size: int = Field(
+        4, ge=1, le=256, description="Most sequences in one micro-batch (rows, each right-padded to the longest)."
+    )
+    gradient_accumulation_steps: int = Field(
+        4, ge=1, le=1024, description="Micro-batches per optimizer step."
+    )
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate (cosine schedule after warmup).")
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, le=4096, description="LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path, in [0, 1).")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps spent warming up the LR.")
+    max_seq_length: int = Field(
+        2048, ge=64, le=131072, description="Longest example in tokens; longer ones are split at turn boundaries."
+    )
+    micro_batch_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="Token budget of one micro-batch (rows x padded length); default batch_size x max_seq_length.",
+    )
+    seed: int = Field(42, ge=0, description="Seed for the data split, shuffling, LoRA init and dropout.")
+
+
+class TrainingOptions(_Strict):
+    """How training runs; the defaults are the measured choices (see BENCHMARKS.md)."""
+
+    fold_conversations: bool = Field(
+        True, description="Train each consistent conversation once, with loss on every target turn."
+    )
+    gradient_checkpointing: bool = Field(True, description="Non-reentrant activation checkpointing.")
+    upcast_fp32: bool = Field(
+        False, description="The seed's `prepare_model_for_kbit_training` (fp32 embeddings/head; more memory)."
+    )
+    liger_kernels: Literal["auto", "on", "off"] = Field(
+        "auto", description="Liger fused kernels: `auto` uses them on CUDA when installed."
+    )
+    optimizer: Literal["auto", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = Field(
+        "auto", description="`auto`: paged 8-bit AdamW on CUDA, AdamW on the CPU."
+    )
+    checkpoint_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    checkpoint_minutes: float = Field(30.0, gt=0, description="... and at least every this many minutes.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Held-out loss every N steps during training (default: once per epoch)."
+    )
+    logging_steps: int = Field(1, ge=1, description="Log train loss every N optimizer steps.")
+
+
+class EvaluationOptions(_Strict):
+    """Held-out evaluation and before/after samples."""
+
+    eval_fraction: float = Field(0.1, ge=0.0, lt=0.9, description="Share of conversations held out.")
+    max_eval_conversations: int = Field(24, ge=0, description="Cap on held-out conversations (bounds eval cost).")
+    num_samples: int = Field(10, ge=0, le=100, description="Held-out prompts generated before and after training.")
+    max_new_tokens: int = Field(256, ge=1, le=4096, description="Generation length for the samples.")
+
+
+class OutputOptions(_Strict):
+    """Where the adapter goes besides the volume."""
+
+    upload_url: str | None = Field(
+        None, description="Presigned HTTP PUT URL (S3, R2, GCS, Supabase signed upload) for the `tar.gz` archive."
+    )
+    hf_repo: str | None = Field(None, description="Private Hugging Face Hub repo to push the adapter to (needs HF_TOKEN).")
+    merge: bool = Field(False, description="Also write the adapter merged into the base in bf16, if memory/disk allow.")
+
+    @field_validator("upload_url")
+    @classmethod
+    def _upload_https(cls, v: str | None) -> str | None:
+        return None if v is None else _check_url(v, allow_loopback_http=True)
+
+    @field_validator("hf_repo")
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", v):
+            raise ValueError("must be a Hub repo id like 'org/name'")
+        return v
+
+
+class JobSpec(_Strict):
+    """One training job. Exactly one of `dataset_url` and `dataset_path` is required."""
+
+    job_id: str | None = Field(
+        None, description="Names the job's folder `jobs/<job_id>/`; default: the RunPod job id. Resubmit to resume."
+    )
+    dataset_url: str | None = Field(None, description="HTTPS URL of the dataset file (plain http only on loopback).")
+    dataset_path: str | None = Field(None, description="Path of the dataset file on the volume or local disk.")
+    dataset_format: Literal["auto", "brightrun-lora-v4", "chat-jsonl"] = Field(
+        "auto", description="Dataset layout; `auto` detects it."
+    )
+    base_model: str = Field(DEFAULT_BASE_MODEL, description="Hugging Face repo id or a local model directory.")
+    base_model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="See below.")
+    training: TrainingOptions = Field(default_factory=TrainingOptions, description="See below.")
+    evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions, description="See below.")
+    output: OutputOptions = Field(default_factory=OutputOptions, description="See below.")
+    webhook_url: str | None = Field(None, description="Signed progress webhooks go here (needs WEBHOOK_SECRET).")
+    max_duration_hours: float = Field(24.0, gt=0, le=168, description="Stop with a checkpoint after this long.")
+    max_cost_usd: float | None = Field(None, gt=0, description="Stop with a checkpoint before the GPU cost passes this.")
+    dry_run: bool = Field(False, description="Validate the input and dataset, report the plan, train nothing.")
+
+    @field_validator("job_id")
+    @classmethod
+    def _safe_job_id(cls, v: str | None) -> str | None:
+        if v is not None and (not _SAFE_NAME.fullmatch(v) or ".." in v):
+            raise ValueError(
+                "must be 1-128 characters of letters, digits, '.', '_' or '-', start with a letter or digit, "
+                "and contain no '..' (it names a folder on the volume)"
+            )
+        return v
+
+    @field_validator("dataset_url")
+    @classmethod
+    def _dataset_https(cls, v: str | None) -> str | None:
+        return None if v is None else _check_url(v, allow_loopback_http=True)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_https(cls, v: str | None) -> str | None:
+        return None if v is None else _check_url(v, allow_loopback_http=True)
+
+    @model_validator(mode="after")
+    def _one_dataset(self) -> JobSpec:
+        if (self.dataset_url is None) == (self.dataset_path is None):
+            raise ValueError("dataset_url, dataset_path: give exactly one of them")
+        return self
+
+    @property
+    def micro_batch_tokens(self) -> int:
+        hp = self.hyperparameters
+        return hp.micro_batch_tokens or hp.batch_size * hp.max_seq_length
+
+
+def _check_url(v: str, *, allow_loopback_http: bool) -> str:
+    url = urlparse(v)
+    if url.scheme == "https" and url.netloc:
+        return v
+    if allow_loopback_http and url.scheme == "http" and _is_loopback(url.hostname):
+        return v  # local endpoint and tests only
+    raise ValueError("must be an https:// URL")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+_SECRET_KEYS = {"webhook_secret", "hf_token", "wandb_api_key", "runpod_api_key"}
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "input"
+
+
+def parse_job_input(raw: Any, *, runpod_job_id: str | None = None) -> JobSpec:
+    """Parse and validate a RunPod job `input`; raises `JobInputError` listing every problem."""
+    if not isinstance(raw, dict):
+        raise JobInputError([f"input: must be a JSON object, got {type(raw).__name__}"])
+    problems = [
+        f"{key}: secrets are not accepted in the job input; set {key.upper()} in the worker's environment "
+        "(endpoint settings) instead"
+        for key in raw
+        if key.lower() in _SECRET_KEYS
+    ]
+    data = {k: v for k, v in raw.items() if k.lower() not in _SECRET_KEYS}
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as err:
+        for e in err.errors(include_url=False):
+            loc = _loc(e["loc"])
+            if e["type"] == "extra_forbidden":
+                problems.append(f"{loc}: unknown field")
+            elif e["type"] == "value_error":
+                msg = str(e["msg"]).removeprefix("Value error, ")
+                problems.append(msg if not e["loc"] else f"{loc}: {msg}")
+            else:
+                problems.append(f"{loc}: {e['msg']} (got {e['input']!r})"[:300])
+        raise JobInputError(problems) from None
+    if problems:
+        raise JobInputError(problems)
+    if spec.job_id is None:
+        if runpod_job_id is None:
+            raise JobInputError(["job_id: required when the job does not come from RunPod's queue"])
+        try:
+            spec = spec.model_copy(update={"job_id": JobSpec._safe_job_id(runpod_job_id)})
+        except ValueError as err:
+            raise JobInputError([f"job_id: the RunPod job id {runpod_job_id!r} {err}"]) from None
+    return spec
+
+
+def input_table_markdown() -> str:
+    """The README's input reference, generated from the field docs above."""
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                continue
+            default = "required" if f.is_required() else ("" if f.default_factory else repr(f.default))
+            type_name = re.sub(r"typing\.|<class '([^']+)'>", r"\1", str(ann)).replace("|", "or")
+            rows.append(f"| `{prefix}{name}` | {type_name} | `{default}` | {f.description or ''} |")
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+
+    walk(JobSpec, "")
+    return "\n".join(rows)
