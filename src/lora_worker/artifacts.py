@@ -1,0 +1,366 @@
+"""Packaging and delivery of a job's outputs: a reproducible tar.gz, a presigned-URL upload, a Hub push.
+
+Delivery failures never raise: they come back as `{"ok": False, "error": ...}` so the caller can
+report them while the adapter stays safe on the volume. Secrets never appear in what is returned
+or logged: presigned URLs lose their query string (it holds the signature), Hub tokens are
+scrubbed from error text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import logging
+import os
+import re
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+
+CHUNK_BYTES = 1 << 20  # 1 MiB: read size for streaming hashes, keeps memory flat for multi-GB files
+ARCHIVE_MTIME = 0  # seconds since the epoch stamped on every member and the gzip header (reproducibility)
+
+# Statuses worth another try: timeouts and throttling (408, 429) and server-side faults (5xx).
+# Other 4xx mean the URL itself is bad (expired, wrong signature, wrong bucket): retrying cannot help.
+RETRY_STATUSES = frozenset({408, 429})
+MAX_RETRY_AFTER_S = 60.0  # cap on a server's Retry-After, so one header cannot stall the job
+CONNECT_TIMEOUT_S = 30.0  # connecting (and each socket write) to a healthy store takes well under this
+
+_MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
+# Query parameters that carry credentials in presigned URLs (S3/R2 SigV4 and SigV2, GCS V4, Supabase
+# `token`, Azure SAS `sig`); a second line of defence after the whole query string is cut.
+_SECRET_PARAM = re.compile(
+    r"(?i)\b(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|X-Goog-Signature|X-Goog-Credential|"
+    r"Signature|AWSAccessKeyId|token|sig)=[^&\s'\"<>]*"
+)
+
+logger = logging.getLogger(__name__)
+
+Logger = Callable[[str], Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Archive and hashes
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    return _digest_file(path, hashlib.sha256())
+
+
+def md5_file(path: Path) -> str:
+    """Hex MD5 of a file (what S3-style stores put in the ETag of a single-part upload)."""
+    return _digest_file(path, hashlib.md5(usedforsecurity=False))
+
+
+def _digest_file(path: Path, digest: Any) -> str:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """Strip what differs between machines and runs (owner, times), keep the permission bits."""
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mtime = ARCHIVE_MTIME
+    return info
+
+
+def archive_dir(src_dirs: dict[str, Path], archive_path: Path) -> dict:
+    """Write a tar.gz holding each source directory under its arcname, e.g.
+    {"adapter": adapter_dir, "report": report_dir} -> adapter/..., report/....
+
+    Members are added in sorted order with owners and mtimes normalized and no timestamp in the
+    gzip header, so the same inputs give the same bytes (and SHA-256). The archive is written to
+    a temporary name next to `archive_path` and renamed, so a crash never leaves a truncated
+    archive under the final name.
+
+    Returns {"path": str, "sha256": hex, "size_bytes": int}. Raises for a missing source directory
+    or an arcname that is not one plain path segment.
+    """
+    archive_path = Path(archive_path)
+    for arcname, src in src_dirs.items():
+        if not arcname or arcname in (".", "..") or "/" in arcname or "\\" in arcname:
+            raise ValueError(f"arcname must be one plain path segment, got {arcname!r}")
+        if not Path(src).is_dir():
+            raise FileNotFoundError(f"archive source for {arcname!r} is not a directory: {src}")
+    archive_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = archive_path.with_name(f".{archive_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as raw:
+            # filename="" and mtime=0 keep the gzip header free of the temp name and the clock.
+            # Level 6 (gzip's own default): safetensors weights barely compress, and level 9 costs
+            # several times the CPU for a fraction of a percent on them.
+            with gzip.GzipFile(
+                filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=ARCHIVE_MTIME
+            ) as gz:
+                with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                    for arcname in sorted(src_dirs):
+                        _add_tree(tar, Path(src_dirs[arcname]), arcname)
+        os.replace(tmp, archive_path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return {
+        "path": str(archive_path),
+        "sha256": sha256_file(archive_path),
+        "size_bytes": archive_path.stat().st_size,
+    }
+
+
+def _add_tree(tar: tarfile.TarFile, root: Path, arcname: str) -> None:
+    """Add `root` as `arcname/` and everything below it, depth-first in sorted name order.
+    Symlinks are stored as links (not followed), so nothing outside `root` leaks in."""
+    tar.add(root, arcname=arcname, recursive=False, filter=_normalize)
+    for child in sorted(root.iterdir(), key=lambda p: p.name):
+        member = f"{arcname}/{child.name}"
+        if child.is_dir() and not child.is_symlink():
+            _add_tree(tar, child, member)
+        else:
+            tar.add(child, arcname=member, recursive=False, filter=_normalize)
+
+
+# --------------------------------------------------------------------------------------------
+# Presigned upload
+
+
+def redact_url(url: str) -> str:
+    """The URL without query string or fragment: presigned URLs carry their signature there."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def _scrub(text: str, url: str) -> str:
+    """Error text safe to return or log: the URL's query string (whole or as it appears inside
+    exception messages, e.g. urllib3's "Max retries exceeded with url: /key?X-Amz-...") removed."""
+    query = urlsplit(url).query
+    if query:
+        text = text.replace(query, "<redacted>")
+    return _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=<redacted>", text)
+
+
+def _s3_error(body: str) -> str:
+    """'Code: Message' from an S3/R2/GCS XML error body or a JSON error (Supabase), else ''."""
+    code = re.search(r"<Code>([^<]{1,200})</Code>", body)
+    message = re.search(r"<Message>([^<]{1,500})</Message>", body)
+    if code or message:
+        return ": ".join(m.group(1).strip() for m in (code, message) if m)
+    json_message = re.search(r'"(?:message|error)"\s*:\s*"([^"]{1,500})"', body)
+    return json_message.group(1) if json_message else ""
+
+
+def _explain_client_error(status: int, detail: str) -> str:
+    if 300 <= status < 400:
+        # Not followed: the file body is already consumed, and a presigned URL for the wrong region
+        # or endpoint is the usual cause (S3 answers 301/307 with the right endpoint in the body).
+        hint = "the store redirected the upload; presign the URL against the bucket's own region/endpoint"
+    elif status == 403:
+        hint = (
+            "the presigned URL was refused: it has expired, its signature does not match this request "
+            "(URLs signed for a specific Content-Type need application/gzip), or it does not grant write access"
+        )
+    elif status == 404:
+        hint = "the bucket or upload path in the presigned URL does not exist"
+    elif status == 400:
+        hint = "the store rejected the request (check that the URL was presigned for a PUT upload)"
+    elif status == 413:
+        hint = "the archive is larger than the store accepts for a single PUT"
+    else:
+        hint = "the store rejected the upload"
+    return f"HTTP {status}: {hint}" + (f" ({detail})" if detail else "") + "; not retried"
+
+
+def _retry_after_s(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After", "").strip()
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+    except ValueError:
+        return None  # absent, or an HTTP date: fall back to our own backoff
+
+
+def upload_presigned(
+    path: Path,
+    url: str,
+    *,
+    sha256: str,
+    attempts: int = 5,
+    backoff_s: float = 2.0,
+    timeout_s: float = 600,
+    sleep: Callable[[float], Any] = time.sleep,
+    log: Logger | None = None,
+) -> dict:
+    """PUT the file at `path` to a presigned URL, streamed from disk, with retries.
+
+    Works for S3, Cloudflare R2 and GCS presigned/signed PUT URLs, and for Supabase Storage signed
+    upload URLs (`createSignedUploadUrl`), which also take a PUT with the raw file as the body.
+    Sends `Content-Type: application/gzip` (URLs presigned with a ContentType must match it).
+
+    Retries connection errors, timeouts, 408, 429 and 5xx with exponential backoff
+    (`backoff_s` * 2**n seconds, or the server's Retry-After when given, capped at 60 s), up to
+    `attempts` tries in all; any other 4xx stops at once with an explanation. When the store answers
+    with an ETag that is a plain MD5 (a single-part S3/R2/GCS PUT without KMS encryption), it is
+    compared with the file's MD5 and a mismatch counts as a failed (retryable) attempt.
+
+    Never raises for upload failures. Returns {"ok", "url" (query string removed, so never the
+    signature), "attempts", "status", "etag", "sha256", "error", "etag_verified" (True/False, or
+    None when the ETag could not be checked)}. `sha256` is the caller's digest of the file, passed
+    through so the record ties the upload to the archive.
+    """
+    emit = log or logger.info
+    safe_url = redact_url(url)
+    result: dict[str, Any] = {
+        "ok": False,
+        "url": safe_url,
+        "attempts": 0,
+        "status": None,
+        "etag": None,
+        "sha256": sha256,
+        "error": None,
+        "etag_verified": None,
+    }
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        result["error"] = f"cannot read archive {path}: {exc.strerror or exc}"
+        return result
+    if not safe_url.startswith(("https://", "http://")):
+        result["error"] = "upload URL must be an http(s) URL"
+        return result
+
+    md5: str | None = None  # computed only if the store returns an MD5-shaped ETag
+    attempts = max(1, int(attempts))
+    for attempt in range(1, attempts + 1):
+        # Each attempt's outcome replaces the last one's: the record describes the final try.
+        result.update(attempts=attempt, status=None, etag=None, etag_verified=None)
+        retry_after: float | None = None
+        try:
+            # A fresh file object per attempt: a retry must resend from byte 0. requests streams a
+            # file body in blocks (never the whole archive in memory); the explicit Content-Length
+            # keeps it from falling back to chunked encoding, which S3 presigned PUTs reject.
+            with open(path, "rb") as body:
+                response = requests.put(
+                    url,
+                    data=body,
+                    headers={"Content-Type": "application/gzip", "Content-Length": str(size)},
+                    # (connect, read) seconds; read covers the store's wait before answering a big PUT.
+                    timeout=(min(CONNECT_TIMEOUT_S, timeout_s), timeout_s),
+                    allow_redirects=False,
+                )
+            with response:
+                status = response.status_code
+                result["status"] = status
+                etag = response.headers.get("ETag")
+                result["etag"] = etag
+                if 200 <= status < 300:
+                    match = _MD5_ETAG.match(etag or "")
+                    # SSE-KMS / SSE-C objects get an ETag that is not the MD5 of the body.
+                    encrypted = response.headers.get("x-amz-server-side-encryption", "").startswith(
+                        "aws:kms"
+                    ) or bool(response.headers.get("x-amz-server-side-encryption-customer-algorithm"))
+                    if match and not encrypted:
+                        md5 = md5 or md5_file(path)
+                        if match.group(1).lower() != md5:
+                            result["etag_verified"] = False
+                            raise _IntegrityError(
+                                f"stored object's MD5 (ETag {etag}) differs from the archive's MD5 {md5}"
+                            )
+                        result["etag_verified"] = True
+                    result.update(ok=True, error=None)
+                    emit(f"uploaded {size:,} bytes to {safe_url} (attempt {attempt}, HTTP {status})")
+                    return result
+                detail = _scrub(_s3_error(response.content[:4000].decode("utf-8", "replace")), url)
+                if status in RETRY_STATUSES or status >= 500:
+                    result["error"] = f"HTTP {status}" + (f" ({detail})" if detail else "")
+                    retry_after = _retry_after_s(response)
+                else:
+                    result["error"] = _explain_client_error(status, detail)
+                    emit(f"upload to {safe_url} failed: {result['error']}")
+                    return result
+        except _IntegrityError as exc:
+            result["error"] = str(exc)
+        except requests.RequestException as exc:
+            result["error"] = f"{type(exc).__name__}: {_scrub(str(exc), url)}"
+        except OSError as exc:
+            if not path.is_file():  # the archive vanished mid-way: nothing left to retry with
+                result["error"] = f"cannot read archive {path}: {exc.strerror or exc}"
+                return result
+            # A socket error that escaped requests' wrapping: transient like any connection error.
+            result["error"] = f"{type(exc).__name__}: {_scrub(str(exc), url)}"
+
+        if attempt < attempts:
+            delay = retry_after if retry_after is not None else backoff_s * 2 ** (attempt - 1)
+            emit(
+                f"upload to {safe_url} attempt {attempt}/{attempts} failed ({result['error']}); "
+                f"retrying in {delay:.1f} s"
+            )
+            sleep(delay)
+    emit(f"upload to {safe_url} failed after {attempts} attempts: {result['error']}")
+    return result
+
+
+class _IntegrityError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face Hub
+
+
+def _scrub_token(text: str, token: str) -> str:
+    return text.replace(token, "<redacted>") if token else text
+
+
+def upload_to_hf_hub(
+    folder: Path,
+    repo_id: str,
+    *,
+    token: str,
+    endpoint: str | None = None,
+    private: bool = True,
+    commit_message: str,
+) -> dict:
+    """Create `repo_id` (a model repo; kept if it exists, private by default) and upload `folder`.
+
+    Never raises for upload failures. Returns {"ok", "repo_id", "url", "commit", "error"}; the
+    token never appears in the error text (it is scrubbed from exception messages).
+    """
+    result: dict[str, Any] = {"ok": False, "repo_id": repo_id, "url": None, "commit": None, "error": None}
+    folder = Path(folder)
+    if not folder.is_dir():
+        result["error"] = f"nothing to upload: {folder} is not a directory"
+        return result
+    if not token:
+        result["error"] = "no Hugging Face token: set HF_TOKEN to push adapters to the Hub"
+        return result
+    try:
+        # Imported here: the Hub client is only needed for this delivery option.
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=endpoint, token=token)
+        repo_url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            commit_message=commit_message,
+        )
+        result.update(
+            ok=True,
+            url=str(repo_url),
+            commit=getattr(commit, "oid", None),
+        )
+        logger.info("pushed %s to the Hub as %s (commit %s)", folder, repo_id, result["commit"])
+    except Exception as exc:  # any Hub/client failure becomes a reported result, never a crash
+        message = f"{type(exc).__name__}: {exc}".strip()
+        result["error"] = _scrub_token(message, token)[:2000]
+        logger.warning("Hub upload of %s failed: %s", repo_id, result["error"])
+    return result
