@@ -158,16 +158,16 @@ def test_docs_example_vector() -> None:
         b'{"cost_usd":0.59,"epoch":0.6,"error_message":null,"eta_seconds":1830.5,"gpu_seconds":512.3,'
         b'"job_id":"job-123","lora_artifact_path":null,"metrics":{"eval_loss":null,"grad_norm":0.87,'
         b'"learning_rate":0.0002,"loss":1.234},"output":null,"percent":20.0,"sequence":17,"status":"training",'
-        b'"step":40,"timestamp":1735689600.25,"tokens_seen":327680,"total_steps":200}'
+        b'"step":40,"timestamp":"2025-01-01T00:00:00.250+00:00","tokens_seen":327680,"total_steps":200}'
     )
     event = json.loads(body)
     assert encode_event(event) == body
     headers = sign_headers(
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_2b1f0c5e9d8a4c7b9e6f1a2b3c4d5e6f", 1735689601, body
     )
-    assert headers["webhook-signature"] == "v1,hIwmSNBfRUCA0P1Ev2jXeyElU5CxiPXofVDsZ+QRIN8="
+    assert headers["webhook-signature"] == "v1,2Zi46gB9vmM05v9rjF85EObfPM51KiIv+NfdGoadZzQ="
     assert (
-        headers["X-Webhook-Signature"] == "351e706dfdaaef672a795cef1c7b40dc05395d2e286afdd0ac76124570618bc1"
+        headers["X-Webhook-Signature"] == "4a7fda11ab4b260a09c2c542a88754f686e30a02307aa04f8a1d09067578e1bb"
     )
 
 
