@@ -11,13 +11,22 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "tiny-model": ("lora_worker.tiny_model", "write the tiny offline Llama-architecture model used by tests and the demo"),
+    "tiny-model": (
+        "lora_worker.tiny_model",
+        "write the tiny offline Llama-architecture model used by tests and the demo",
+    ),
     "validate": ("lora_worker.data", "validate a dataset file and print its summary"),
     "run": ("lora_worker.pipeline", "run one job from a JSON input file, without the RunPod queue"),
     "bench": ("lora_worker.bench", "measure 70B-shaped QLoRA throughput and memory on the GPU"),
     "deploy": ("lora_worker.deploy", "create or update the RunPod template and scale-to-zero endpoint"),
-    "local-endpoint": ("lora_worker.local_endpoint", "serve RunPod's queue protocol on loopback for local runs"),
-    "submit": ("lora_worker.client", "submit a training job to an endpoint (optionally --wait with a progress bar)"),
+    "local-endpoint": (
+        "lora_worker.local_endpoint",
+        "serve RunPod's queue protocol on loopback for local runs",
+    ),
+    "submit": (
+        "lora_worker.client",
+        "submit a training job to an endpoint (optionally --wait with a progress bar)",
+    ),
     "status": ("lora_worker.client", "show a job's status"),
     "cancel": ("lora_worker.client", "cancel a job"),
 }

@@ -141,7 +141,9 @@ def _parse_brightrun(text: str, source: str, fold: bool) -> tuple[list[Conversat
     except json.JSONDecodeError as err:
         raise DatasetError(source, [f"not JSON: {err.msg} at line {err.lineno} column {err.colno}"]) from None
     if not isinstance(doc, dict):
-        raise DatasetError(source, [f"top level must be an object with 'conversations', got {type(doc).__name__}"])
+        raise DatasetError(
+            source, [f"top level must be an object with 'conversations', got {type(doc).__name__}"]
+        )
     if "conversations" not in doc:
         raise DatasetError(source, ["missing field 'conversations' at the top level"])
     raw_convs = doc["conversations"]
@@ -220,7 +222,9 @@ def _parse_pair(p: Any, where: str) -> tuple[dict | None, list[str]]:
         history = []
     errs += _check_messages(history, f"{where}: conversation_history", allow_system=False, end_with=None)
     if history and not errs and history[-1]["role"] != "assistant":
-        errs.append(f"{where}: conversation_history: must end with an assistant turn before the new user input")
+        errs.append(
+            f"{where}: conversation_history: must end with an assistant turn before the new user input"
+        )
     if errs:
         return None, errs
     return {"turn": turn, "system": system, "history": history, "user": user, "target": target}, []
@@ -244,7 +248,9 @@ def _check_messages(msgs: list, where: str, *, allow_system: bool, end_with: str
                 errs.append(f"{where}[{i}].role: 'system' is only allowed as the first message")
             continue
         if role != expected:
-            errs.append(f"{where}[{i}].role: roles must alternate user/assistant; expected {expected!r}, got {role!r}")
+            errs.append(
+                f"{where}[{i}].role: roles must alternate user/assistant; expected {expected!r}, got {role!r}"
+            )
         expected = "assistant" if role == "user" else "user"
     if end_with and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") != end_with:
         errs.append(f"{where}: the last message must be from the {end_with}")
@@ -384,8 +390,9 @@ def build_examples(
         bos = ids[:1] if ids and ids[0] == tokenizer.bos_token_id else []
         head = ids[: starts[1]] if first else bos
 
-        def prefix(s: int) -> list[int]:
+        def prefix(s: int, head: list[int] = head, first: int = first) -> list[int]:
             return head if first or s > 0 else []
+
         body_start = {
             i: _assistant_body_start(tokenizer, convo, i, starts, ids) for i in range(len(msgs)) if trained[i]
         }
@@ -393,7 +400,7 @@ def build_examples(
         # Pair-by-pair cost of the same targets: each pair re-reads everything before its target.
         stats.tokens_unfolded += sum(starts[a + 1] for a in todo)
 
-        def chunk_len(s: int, e: int) -> int:
+        def chunk_len(s: int, e: int, starts: list[int] = starts, prefix=prefix) -> int:
             return len(prefix(s)) + starts[e + 1] - starts[s]
 
         k = 0
@@ -556,7 +563,9 @@ def prepare_dataset(
         raise DatasetError(str(path), ["nothing to train on after the train/eval split and length limits"])
     notes = []
     if load.unfolded_conversations and fold:
-        notes.append(f"{load.unfolded_conversations} conversation(s) had inconsistent pairs; trained pair by pair")
+        notes.append(
+            f"{load.unfolded_conversations} conversation(s) had inconsistent pairs; trained pair by pair"
+        )
     summary = DatasetSummary(
         format=load.format,
         conversations=load.conversations,
@@ -586,9 +595,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lora_worker validate", description="Validate a dataset file.")
     p.add_argument("path")
     p.add_argument("--format", default="auto", choices=["auto", "brightrun-lora-v4", "chat-jsonl"])
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the tiny offline Llama-3-style tokenizer)")
+    p.add_argument(
+        "--tokenizer", help="tokenizer directory (default: the tiny offline Llama-3-style tokenizer)"
+    )
     p.add_argument("--max-seq-length", type=int, default=2048)
-    p.add_argument("--no-fold", action="store_true", help="train pair by pair instead of folding conversations")
+    p.add_argument(
+        "--no-fold", action="store_true", help="train pair by pair instead of folding conversations"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     a = p.parse_args(argv)
     if a.tokenizer:
@@ -601,7 +614,12 @@ def main(argv: list[str] | None = None) -> int:
         tok, name = build_tokenizer(), "tiny byte-level BPE (not Llama 3's; pass --tokenizer for real counts)"
     try:
         prepared = prepare_dataset(
-            a.path, tok, fmt=a.format, fold=not a.no_fold, max_seq_length=a.max_seq_length, tokenizer_name=name
+            a.path,
+            tok,
+            fmt=a.format,
+            fold=not a.no_fold,
+            max_seq_length=a.max_seq_length,
+            tokenizer_name=name,
         )
     except DatasetError as err:
         if a.json:

@@ -36,18 +36,28 @@ class Hyperparameters(_Strict):
 
     num_epochs: int = Field(3, ge=1, le=100, description="Passes over the training conversations.")
     batch_size: int = Field(
-        4, ge=1, le=256, description="Most sequences in one micro-batch (rows, each right-padded to the longest)."
+        4,
+        ge=1,
+        le=256,
+        description="Most sequences in one micro-batch (rows, each right-padded to the longest).",
     )
     gradient_accumulation_steps: int = Field(
         4, ge=1, le=1024, description="Micro-batches per optimizer step."
     )
-    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate (cosine schedule after warmup).")
+    learning_rate: float = Field(
+        2e-4, gt=0, le=1.0, description="Peak learning rate (cosine schedule after warmup)."
+    )
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, le=4096, description="LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path, in [0, 1).")
-    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps spent warming up the LR.")
+    warmup_ratio: float = Field(
+        0.03, ge=0.0, lt=1.0, description="Fraction of steps spent warming up the LR."
+    )
     max_seq_length: int = Field(
-        2048, ge=64, le=131072, description="Longest example in tokens; longer ones are split at turn boundaries."
+        2048,
+        ge=64,
+        le=131072,
+        description="Longest example in tokens; longer ones are split at turn boundaries.",
     )
     micro_batch_tokens: int | None = Field(
         None,
@@ -73,7 +83,9 @@ class TrainingOptions(_Strict):
     optimizer: Literal["auto", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = Field(
         "auto", description="`auto`: paged 8-bit AdamW on CUDA, AdamW on the CPU."
     )
-    checkpoint_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    checkpoint_steps: int = Field(
+        50, ge=1, description="Save a resumable checkpoint every N optimizer steps."
+    )
     checkpoint_minutes: float = Field(30.0, gt=0, description="... and at least every this many minutes.")
     eval_steps: int | None = Field(
         None, ge=1, description="Held-out loss every N steps during training (default: once per epoch)."
@@ -85,8 +97,12 @@ class EvaluationOptions(_Strict):
     """Held-out evaluation and before/after samples."""
 
     eval_fraction: float = Field(0.1, ge=0.0, lt=0.9, description="Share of conversations held out.")
-    max_eval_conversations: int = Field(24, ge=0, description="Cap on held-out conversations (bounds eval cost).")
-    num_samples: int = Field(10, ge=0, le=100, description="Held-out prompts generated before and after training.")
+    max_eval_conversations: int = Field(
+        24, ge=0, description="Cap on held-out conversations (bounds eval cost)."
+    )
+    num_samples: int = Field(
+        10, ge=0, le=100, description="Held-out prompts generated before and after training."
+    )
     max_new_tokens: int = Field(256, ge=1, le=4096, description="Generation length for the samples.")
 
 
@@ -94,10 +110,15 @@ class OutputOptions(_Strict):
     """Where the adapter goes besides the volume."""
 
     upload_url: str | None = Field(
-        None, description="Presigned HTTP PUT URL (S3, R2, GCS, Supabase signed upload) for the `tar.gz` archive."
+        None,
+        description="Presigned HTTP PUT URL (S3, R2, GCS, Supabase signed upload) for the `tar.gz` archive.",
     )
-    hf_repo: str | None = Field(None, description="Private Hugging Face Hub repo to push the adapter to (needs HF_TOKEN).")
-    merge: bool = Field(False, description="Also write the adapter merged into the base in bf16, if memory/disk allow.")
+    hf_repo: str | None = Field(
+        None, description="Private Hugging Face Hub repo to push the adapter to (needs HF_TOKEN)."
+    )
+    merge: bool = Field(
+        False, description="Also write the adapter merged into the base in bf16, if memory/disk allow."
+    )
 
     @field_validator("upload_url")
     @classmethod
@@ -116,23 +137,40 @@ class JobSpec(_Strict):
     """One training job. Exactly one of `dataset_url` and `dataset_path` is required."""
 
     job_id: str | None = Field(
-        None, description="Names the job's folder `jobs/<job_id>/`; default: the RunPod job id. Resubmit to resume."
+        None,
+        description="Names the job's folder `jobs/<job_id>/`; default: the RunPod job id. Resubmit to resume.",
     )
-    dataset_url: str | None = Field(None, description="HTTPS URL of the dataset file (plain http only on loopback).")
-    dataset_path: str | None = Field(None, description="Path of the dataset file on the volume or local disk.")
+    dataset_url: str | None = Field(
+        None, description="HTTPS URL of the dataset file (plain http only on loopback)."
+    )
+    dataset_path: str | None = Field(
+        None, description="Path of the dataset file on the volume or local disk."
+    )
     dataset_format: Literal["auto", "brightrun-lora-v4", "chat-jsonl"] = Field(
         "auto", description="Dataset layout; `auto` detects it."
     )
-    base_model: str = Field(DEFAULT_BASE_MODEL, description="Hugging Face repo id or a local model directory.")
-    base_model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    base_model: str = Field(
+        DEFAULT_BASE_MODEL, description="Hugging Face repo id or a local model directory."
+    )
+    base_model_revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) of the base model."
+    )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="See below.")
     training: TrainingOptions = Field(default_factory=TrainingOptions, description="See below.")
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions, description="See below.")
     output: OutputOptions = Field(default_factory=OutputOptions, description="See below.")
-    webhook_url: str | None = Field(None, description="Signed progress webhooks go here (needs WEBHOOK_SECRET).")
-    max_duration_hours: float = Field(24.0, gt=0, le=168, description="Stop with a checkpoint after this long.")
-    max_cost_usd: float | None = Field(None, gt=0, description="Stop with a checkpoint before the GPU cost passes this.")
-    dry_run: bool = Field(False, description="Validate the input and dataset, report the plan, train nothing.")
+    webhook_url: str | None = Field(
+        None, description="Signed progress webhooks go here (needs WEBHOOK_SECRET)."
+    )
+    max_duration_hours: float = Field(
+        24.0, gt=0, le=168, description="Stop with a checkpoint after this long."
+    )
+    max_cost_usd: float | None = Field(
+        None, gt=0, description="Stop with a checkpoint before the GPU cost passes this."
+    )
+    dry_run: bool = Field(
+        False, description="Validate the input and dataset, report the plan, train nothing."
+    )
 
     @field_validator("job_id")
     @classmethod

@@ -102,3 +102,17 @@ def build_tiny_model(out_dir: str | Path, *, layers: int = 2, hidden: int = 64, 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lora_worker tiny-model", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    path = build_tiny_model(a.out, layers=a.layers, hidden=a.hidden, seed=a.seed)
+    print(f"tiny model written to {path}")
+    return 0

@@ -1,0 +1,142 @@
+"""Load the base model in 4-bit NF4 and wrap it with LoRA adapters.
+
+The choices that cost or save memory are explicit arguments (each measured in BENCHMARKS.md):
+- no fp32 up-cast of the frozen embeddings and LM head (PEFT's `prepare_model_for_kbit_training`
+  does it; `upcast_fp32=True` restores the seed's recipe);
+- non-reentrant gradient checkpointing;
+- Liger fused kernels (fused linear cross-entropy never materialises the 128K-vocab logits) on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    device: str
+    gpu_name: str
+    liger: bool
+    quantized_on_load: bool  # False when loaded from a saved NF4 copy
+    trainable_params: int
+    total_params: int
+
+
+def device_info() -> tuple[str, str]:
+    """('cuda', card name) or ('cpu', 'cpu')."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.cuda.get_device_name(0)
+    return "cpu", "cpu"
+
+
+def quantization_config():
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        # Keep the LM head in bf16: it is not adapted, and quantizing it costs quality for little memory.
+        llm_int8_skip_modules=["lm_head"],
+    )
+
+
+QUANT_SETTINGS = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "skip": ["lm_head"]}
+
+
+def load_base_model(path: str | Path, *, prequantized: bool = False):
+    """The base model in NF4 (or a saved NF4 copy), frozen, on the GPU if there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device, _ = device_info()
+    kwargs = {} if prequantized else {"quantization_config": quantization_config()}
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch.bfloat16,
+        device_map={"": 0 if device == "cuda" else "cpu"},
+        attn_implementation="sdpa",
+        trust_remote_code=False,  # never run code from a model repository
+        low_cpu_mem_usage=True,
+        **kwargs,
+    )
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def add_lora(
+    model,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    seed: int,
+    gradient_checkpointing: bool = True,
+    upcast_fp32: bool = False,
+    liger: str = "auto",
+):
+    """Wrap a frozen 4-bit model with LoRA on all seven projections; returns (peft_model, liger_used)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    device, _ = device_info()
+    liger_used = False
+    if liger == "on" or (liger == "auto" and device == "cuda"):
+        try:
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+            apply_liger_kernel_to_llama(model=model)
+            liger_used = True
+        except ImportError:
+            if liger == "on":
+                raise RuntimeError(
+                    "training.liger_kernels is 'on' but liger-kernel is not installed"
+                ) from None
+            log.info("liger-kernel not installed; using the stock kernels")
+    if upcast_fp32:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Inputs need grad so checkpointed segments of a frozen base still carry grads to the LoRA weights.
+        model.enable_input_require_grads()
+    torch.manual_seed(seed)  # LoRA A matrices are drawn here: same seed, same initial adapter
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=LORA_TARGETS,
+    )
+    return get_peft_model(model, config), liger_used
+
+
+def count_params(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def release(*objs) -> None:
+    """Drop references and return GPU memory before the worker takes its next job."""
+    import gc
+
+    import torch
+
+    for o in objs:
+        del o
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

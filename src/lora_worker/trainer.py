@@ -1,0 +1,299 @@
+"""Training on the stock Transformers Trainer, fed whole micro-batches, with OOM recovery.
+
+The Trainer sees a dataset whose items are ready micro-batches (planned by
+`data.plan_micro_batches` within a token budget), so `per_device_train_batch_size` is 1 and the
+collator unwraps. Loss is averaged over the trained tokens of all micro-batches in an optimizer
+step (the Trainer passes `num_items_in_batch`), so long and short examples weigh per token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_worker.callbacks import COMPLETE_MARKER, clean_incomplete, complete_checkpoints
+from lora_worker.data import Example, collate, plan_micro_batches
+
+log = logging.getLogger(__name__)
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    def __init__(self, examples: Sequence[Example], plan: list[list[int]], pad_id: int):
+        self.examples, self.plan, self.pad_id = examples, plan, pad_id
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> dict:
+        return collate([self.examples[j] for j in self.plan[i]], self.pad_id)
+
+
+def _unwrap(items: list[dict]) -> dict:
+    return items[0]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Plain values the trainer needs (from the job spec's hyperparameters and training options)."""
+
+    output_dir: Path
+    logging_dir: Path
+    num_epochs: int
+    learning_rate: float
+    warmup_ratio: float
+    gradient_accumulation_steps: int
+    micro_batch_tokens: int
+    max_rows: int
+    seed: int
+    optimizer: str
+    checkpoint_steps: int
+    logging_steps: int
+    gradient_checkpointing: bool
+    report_to: tuple[str, ...] = ("tensorboard",)
+
+
+@dataclass
+class TrainOutcome:
+    global_step: int
+    max_steps: int
+    epoch: float
+    train_loss: float | None
+    train_seconds: float
+    resumed_from_step: int | None
+    recoveries: list[dict] = field(default_factory=list)
+    micro_batch_tokens: int = 0
+    gradient_accumulation_steps: int = 0
+    stopped_reason: str | None = None
+    padding_fraction: float = 0.0
+
+
+def resolve_optimizer(name: str, device: str) -> str:
+    if name != "auto":
+        return name
+    # 8-bit paged AdamW needs bitsandbytes' CUDA kernels; on the CPU plain AdamW.
+    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+
+
+def build_trainer(model, examples: Sequence[Example], pad_id: int, cfg: TrainConfig, callbacks: list):
+    from transformers import Trainer, TrainingArguments
+
+    plan = plan_micro_batches(
+        [len(e.input_ids) for e in examples], token_budget=cfg.micro_batch_tokens, max_rows=cfg.max_rows
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = TrainingArguments(
+        output_dir=str(cfg.output_dir),
+        num_train_epochs=cfg.num_epochs,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        max_grad_norm=0.3,
+        weight_decay=0.0,
+        optim=resolve_optimizer(cfg.optimizer, device),
+        bf16=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.checkpoint_steps,
+        save_total_limit=None,  # rotation is CheckpointCallback's, which keeps the last two complete ones
+        eval_strategy="no",  # held-out loss is computed by EvalCallback, the same way before and after
+        report_to=[r for r in cfg.report_to if r != "tensorboard"],
+        gradient_checkpointing=False,  # already enabled (non-reentrant) on the model by model.add_lora
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+        save_only_model=False,
+    )
+    if "tensorboard" in cfg.report_to:
+        # An explicit writer: Transformers 5 otherwise logs under output_dir (the checkpoints folder).
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks = [*callbacks, TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(cfg.logging_dir)))]
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=MicroBatches(examples, plan, pad_id),
+        data_collator=_unwrap,
+        callbacks=callbacks,
+    )
+    return trainer, plan
+
+
+def padding_fraction(examples: Sequence[Example], plan: list[list[int]]) -> float:
+    real = sum(len(e.input_ids) for e in examples)
+    padded = sum(len(b) * max(len(examples[i].input_ids) for i in b) for b in plan)
+    return round(1 - real / padded, 4) if padded else 0.0
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    clean_incomplete(folder)
+    done = complete_checkpoints(folder)
+    return done[-1] if done else None
+
+
+def train(
+    model, examples: Sequence[Example], pad_id: int, cfg: TrainConfig, callbacks: list, stop_cb
+) -> TrainOutcome:
+    """Train to the end (or a stop), resuming from the job's last complete checkpoint.
+
+    On CUDA out-of-memory: save what the last optimizer step produced, halve the micro-batch token
+    budget and rows, double gradient accumulation (same effective batch), and go on from there.
+    When a single sequence per micro-batch still does not fit, fail and say what was tried.
+    """
+    import time
+
+    resume = latest_checkpoint(cfg.output_dir)
+    resumed_from = int(resume.name.split("-")[-1]) if resume else None
+    recoveries: list[dict] = []
+    t0 = time.monotonic()
+    while True:
+        trainer, plan = build_trainer(model, examples, pad_id, cfg, callbacks)
+        try:
+            out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            break
+        except torch.OutOfMemoryError as err:
+            step = trainer.state.global_step
+            rows = max(len(b) for b in plan)
+            recoveries.append(
+                {
+                    "event": "out_of_memory",
+                    "step": step,
+                    "micro_batch_tokens": cfg.micro_batch_tokens,
+                    "max_rows": rows,
+                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                }
+            )
+            log.warning(
+                "out of memory at step %d with %d-token micro-batches: %s", step, cfg.micro_batch_tokens, err
+            )
+            model.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if step > 0 and (resume is None or not resume.name.endswith(f"-{step}")):
+                try:  # keep every finished optimizer step: resume from exactly here
+                    save_checkpoint_now(trainer)
+                except Exception as save_err:
+                    log.warning(
+                        "could not checkpoint after OOM (%s); resuming from the last checkpoint", save_err
+                    )
+            del trainer
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if rows <= 1:
+                tried = ", ".join(
+                    f"{r['micro_batch_tokens']} tokens x {r['max_rows']} rows" for r in recoveries
+                )
+                raise RuntimeError(
+                    f"out of memory even with one sequence per micro-batch; tried {tried}. "
+                    "Lower hyperparameters.max_seq_length or lora_r, or use a GPU with more memory."
+                ) from None
+            resume = latest_checkpoint(cfg.output_dir)
+            cfg = _halve(cfg, rows)
+    outcome = TrainOutcome(
+        global_step=trainer.state.global_step,
+        max_steps=trainer.state.max_steps,
+        epoch=float(trainer.state.epoch or 0.0),
+        train_loss=_last_train_loss(trainer),
+        train_seconds=round(time.monotonic() - t0, 2),
+        resumed_from_step=resumed_from,
+        recoveries=recoveries,
+        micro_batch_tokens=cfg.micro_batch_tokens,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        stopped_reason=stop_cb.reason,
+        padding_fraction=padding_fraction(examples, plan),
+    )
+    log.info("training finished: %s (trainer said %s)", outcome, out.metrics)
+    return outcome
+
+
+def _halve(cfg: TrainConfig, rows: int) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(
+        cfg,
+        micro_batch_tokens=max(1, cfg.micro_batch_tokens // 2),
+        max_rows=max(1, min(cfg.max_rows, rows) // 2),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps * 2,
+    )
+
+
+def _last_train_loss(trainer) -> float | None:
+    for rec in reversed(trainer.state.log_history):
+        if "loss" in rec:
+            return float(rec["loss"])
+    return None
+
+
+def save_checkpoint_now(trainer) -> None:
+    """Checkpoint the current step outside the Trainer's schedule (after an OOM), marked complete."""
+    trainer._save_checkpoint(trainer.model, trial=None)
+    ckpt = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    (ckpt / COMPLETE_MARKER).write_text("{}")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def eval_loss(
+    model, examples: Sequence[Example], pad_id: int, *, token_budget: int, max_rows: int
+) -> float | None:
+    """Mean cross-entropy per trained (assistant) token over the examples; None without examples."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    plan = plan_micro_batches(
+        [len(e.input_ids) for e in examples], token_budget=token_budget, max_rows=max_rows
+    )
+    device = next(p.device for p in model.parameters())
+    for b in plan:
+        batch = collate([examples[i] for i in b], pad_id)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        out = model(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device))
+        total += float(out.loss) * n
+        count += n
+    if was_training:
+        model.train()
+    return total / count if count else None
+
+
+def perplexity(loss: float | None) -> float | None:
+    return round(math.exp(loss), 4) if loss is not None and loss < 50 else None
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int) -> list[str]:
+    """Greedy completions for chat prompts (one at a time: few prompts, and no padding effects)."""
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters())
+    outs = []
+    for messages in prompts:
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        ids = {k: v.to(device) for k, v in ids.items()}
+        gen = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+        )
+        outs.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    if was_training:
+        model.train()
+    return outs

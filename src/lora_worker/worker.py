@@ -1,0 +1,45 @@
+"""The RunPod handler: one job at a time, cancellable, never a bare traceback.
+
+RunPod's SDK runs an async handler as an asyncio task and cancels that task on `/cancel` (and on
+its execution timeout). Training runs in a worker thread; on cancellation the handler sets the
+stop flag, waits for the thread to checkpoint, report `cancelled` and free the GPU, and then
+re-raises the cancellation as the SDK requires, so the next job starts on a clean worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from lora_worker.pipeline import run_job
+from lora_worker.settings import Settings
+
+log = logging.getLogger(__name__)
+_settings: Settings | None = None
+
+
+def settings() -> Settings:
+    global _settings
+    if _settings is None:
+        _settings = Settings.from_env()  # read once per worker process
+    return _settings
+
+
+async def handler(job: dict) -> dict:
+    cancel = threading.Event()
+    task = asyncio.ensure_future(
+        asyncio.to_thread(run_job, job.get("input"), runpod_job=job, settings=settings(), cancel=cancel)
+    )
+    try:
+        result = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        log.info("job %s: cancel received; stopping at the next optimizer step", job.get("id"))
+        cancel.set()
+        await task  # the thread checkpoints, reports `cancelled` and releases the model
+        raise
+    return result
+
+
+def concurrency(current: int) -> int:
+    return 1  # one job per worker: the whole GPU belongs to it
