@@ -47,6 +47,8 @@ class Settings:
     """`WANDB_API_KEY`: also log to Weights & Biases when set (needs the optional `wandb` package)."""
     progress_interval_s: float = 10.0
     """`PROGRESS_INTERVAL_S`: minimum seconds between RunPod progress updates within a stage."""
+    runpod_queue: bool = False
+    """True when a RunPod queue feeds this worker (`RUNPOD_WEBHOOK_GET_JOB` set); False in local test mode."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -66,6 +68,7 @@ class Settings:
             gpu_hourly_usd=float(rate) if rate else None,
             wandb_api_key=_secret(env.get("WANDB_API_KEY")),
             progress_interval_s=float(env.get("PROGRESS_INTERVAL_S", "10")),
+            runpod_queue=bool(env.get("RUNPOD_WEBHOOK_GET_JOB")),
         )
 
     def secrets(self) -> list[str]:

@@ -9,6 +9,7 @@ re-raises the cancellation as the SDK requires, so the next job starts on a clea
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 
@@ -28,8 +29,13 @@ def settings() -> Settings:
 
 async def handler(job: dict) -> dict:
     cancel = threading.Event()
+    env = settings()
+    # Outside a RunPod queue (`python handler.py` on test_input.json) there is no /status to update.
+    runpod_job = job if env.runpod_queue else None
     task = asyncio.ensure_future(
-        asyncio.to_thread(run_job, job.get("input"), runpod_job=job, settings=settings(), cancel=cancel)
+        asyncio.to_thread(
+            run_job, job.get("input"), runpod_job=runpod_job, settings=env, cancel=cancel, default_job_id=job.get("id")
+        )
     )
     try:
         result = await asyncio.shield(task)
@@ -38,6 +44,8 @@ async def handler(job: dict) -> dict:
         cancel.set()
         await task  # the thread checkpoints, reports `cancelled` and releases the model
         raise
+    if not env.runpod_queue:
+        print(json.dumps(result, indent=2, default=str), flush=True)
     return result
 
 
