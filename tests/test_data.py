@@ -56,7 +56,10 @@ def pairs_for(turns: list[tuple[str, str | None]], cid="c0", system="Be kind.") 
                 "target_response": target,
             }
         )
-        history += [{"role": "user", "content": user}, {"role": "assistant", "content": target or f"reply {n}"}]
+        history += [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": target or f"reply {n}"},
+        ]
     return out
 
 
@@ -78,12 +81,22 @@ def test_full_file_fold_ratio(tokenizer):
 
 
 def test_null_target_turn_is_context_without_loss(tokenizer):
-    text = brightrun([pairs_for([("hello", None), ("how do I save?", "Start small."), ("and then?", "Keep going.")])])
+    text = brightrun(
+        [pairs_for([("hello", None), ("how do I save?", "Start small."), ("and then?", "Keep going.")])]
+    )
     # pairs_for fills the null target's reply as "reply 1" in later histories
     convs, stats = parse_conversations(text)
     assert stats.skipped_null_targets == 1
     (c,) = convs
-    assert [m.role for m in c.messages] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    assert [m.role for m in c.messages] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
     assert [m.train for m in c.messages] == [False, False, False, False, True, False, True]
     (ex,), _ = build_examples(tokenizer, convs, 4096)
     trained = tokenizer.decode([t for t, y in zip(ex.input_ids, ex.labels, strict=True) if y != IGNORE_INDEX])
@@ -104,10 +117,19 @@ def test_inconsistent_pairs_fall_back_to_pair_by_pair():
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda p: p[1].update(target_response=5), "conversation c0 turn 2: target_response: must be a string or null"),
+        (
+            lambda p: p[1].update(target_response=5),
+            "conversation c0 turn 2: target_response: must be a string or null",
+        ),
         (lambda p: p[1].update(current_user_input=""), "conversation c0 turn 2: current_user_input"),
-        (lambda p: p[1]["conversation_history"][0].update(role="bot"), "turn 2: conversation_history[0].role: unknown role 'bot'"),
-        (lambda p: p[2]["conversation_history"].__setitem__(1, {"role": "user", "content": "x"}), "turn 3: conversation_history[1].role: roles must alternate"),
+        (
+            lambda p: p[1]["conversation_history"][0].update(role="bot"),
+            "turn 2: conversation_history[0].role: unknown role 'bot'",
+        ),
+        (
+            lambda p: p[2]["conversation_history"].__setitem__(1, {"role": "user", "content": "x"}),
+            "turn 3: conversation_history[1].role: roles must alternate",
+        ),
         (lambda p: p[1].pop("target_response"), "turn 2: target_response: missing"),
         (lambda p: p[0].update(turn_number="one"), "pair 0: turn_number: must be an integer"),
     ],
@@ -134,9 +156,21 @@ def test_broken_top_level():
 
 def test_chat_jsonl(tmp_path, tokenizer):
     lines = [
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
-        {"messages": [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1", "weight": 0},
-                      {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "u1"},
+                {"role": "assistant", "content": "a1", "weight": 0},
+                {"role": "user", "content": "u2"},
+                {"role": "assistant", "content": "a2"},
+            ]
+        },
     ]
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
@@ -174,12 +208,17 @@ def test_over_long_conversation_is_split_at_turns_never_cutting_a_target(tokeniz
     assert len(exs) > 1 and stats.truncated >= 1 and stats.dropped_targets == 0
     assert all(len(e.input_ids) <= limit for e in exs)
     # every target appears trained exactly once, whole
-    trained = [tokenizer.decode([t for t, y in zip(e.input_ids, e.labels, strict=True) if y != -100]) for e in exs]
+    trained = [
+        tokenizer.decode([t for t, y in zip(e.input_ids, e.labels, strict=True) if y != -100]) for e in exs
+    ]
     for i in range(6):
         assert sum(t.count((f"answer {i} " * 20).strip()) for t in trained) == 1
     assert stats.trainable_tokens == whole[0].trainable_tokens
     # a chunk that starts later keeps the system prompt
-    assert all(tokenizer.decode(e.input_ids[:12]).startswith("<|begin_of_text|><|start_header_id|>system") for e in exs)
+    assert all(
+        tokenizer.decode(e.input_ids[:12]).startswith("<|begin_of_text|><|start_header_id|>system")
+        for e in exs
+    )
 
 
 def test_target_longer_than_the_limit_is_dropped_and_counted(tokenizer):
@@ -262,8 +301,11 @@ def test_folded_loss_equals_pair_by_pair_loss(nf4_model, tokenizer):
 
 def test_validate_cli(tmp_path):
     ok = subprocess.run(
-        [sys.executable, "-m", "lora_worker", "validate", str(SAMPLE), "--json"], capture_output=True, text=True,
-        cwd=REPO, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+        [sys.executable, "-m", "lora_worker", "validate", str(SAMPLE), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
     )
     assert ok.returncode == 0, ok.stderr
     summary = json.loads(ok.stdout)
@@ -272,8 +314,14 @@ def test_validate_cli(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"conversations": [{"training_pairs": [{"turn_number": 1, "target_response": 3}]}]}')
     res = subprocess.run(
-        [sys.executable, "-m", "lora_worker", "validate", str(bad)], capture_output=True, text=True,
-        cwd=REPO, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+        [sys.executable, "-m", "lora_worker", "validate", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
     )
     assert res.returncode == 1
-    assert "turn 1: current_user_input" in res.stderr and "target_response: must be a string or null" in res.stderr
+    assert (
+        "turn 1: current_user_input" in res.stderr
+        and "target_response: must be a string or null" in res.stderr
+    )

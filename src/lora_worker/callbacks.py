@@ -142,9 +142,15 @@ class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0, self._start_step = time.monotonic(), state.global_step
 
-    def record_eval(self, step: int, loss: float) -> None:
-        self.history["eval"].append({"step": step, "eval_loss": float(loss)})
-        self.report(step=step, metrics={**self._metrics(), "eval_loss": float(loss)}, force=True)
+    def record_eval(self, state, loss: float) -> None:
+        self.history["eval"].append({"step": state.global_step, "eval_loss": float(loss)})
+        self.report(
+            step=state.global_step,
+            total_steps=state.max_steps,
+            epoch=round(state.epoch or 0.0, 4),
+            metrics=self._metrics(),
+            force=True,
+        )
 
     def _metrics(self) -> dict:
         last = self.history["train"][-1] if self.history["train"] else {}
@@ -212,4 +218,4 @@ class EvalCallback(TrainerCallback):
         if state.global_step % self.every == 0 and state.global_step < state.max_steps:
             loss = self.evaluate()
             if loss is not None:
-                self.record(state.global_step, loss)
+                self.record(state, loss)

@@ -1,0 +1,291 @@
+"""CPU end-to-end jobs on the tiny model: the whole story, with webhooks, and what it delivers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SAMPLE
+
+from lora_worker.pipeline import Hooks, run_job
+from lora_worker.progress import STAGES
+from lora_worker.settings import Settings
+from lora_worker.webhooks import verify
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "whsec_" + "c2VjcmV0LXZhbHVlLWZvci10ZXN0cy0xMjM0NQ=="  # base64 of a test secret
+
+
+def small_job(tiny_model: Path, **over) -> dict:
+    job = {
+        "dataset_path": str(SAMPLE),
+        "base_model": str(tiny_model),
+        "hyperparameters": {
+            "num_epochs": 2,
+            "learning_rate": 0.002,
+            "lora_dropout": 0.0,
+            "max_seq_length": 1024,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 2,
+        },
+        "training": {"checkpoint_steps": 5},
+        "evaluation": {"num_samples": 2, "max_new_tokens": 8},
+    }
+    for k, v in over.items():
+        job[k] = {**job.get(k, {}), **v} if isinstance(v, dict) else v
+    return job
+
+
+class Receiver:
+    """A real webhook receiver on 127.0.0.1 that records raw requests."""
+
+    def __init__(self):
+        self.requests: list[tuple[dict, bytes]] = []
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/training/webhook"
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def job_run(tiny_model, tmp_path_factory):
+    volume = tmp_path_factory.mktemp("volume")
+    rx = Receiver()
+    settings = Settings.from_env(
+        {"VOLUME_DIR": str(volume), "WEBHOOK_SECRET": SECRET, "PROGRESS_INTERVAL_S": "0"}
+    )
+    handler = _Capture()
+    logging.getLogger().addHandler(handler)
+    try:
+        result = run_job(small_job(tiny_model, job_id="e2e-1", webhook_url=rx.url), settings=settings)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        rx.close()
+    return result, volume / "jobs" / "e2e-1", rx, handler.lines
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_job_completes_and_held_out_loss_falls(job_run):
+    result, job_dir, _, _ = job_run
+    assert result["status"] == "completed", result
+    m = result["metrics"]
+    assert m["eval_loss_after"] < m["eval_loss_before"]
+    assert m["perplexity_after"] < m["perplexity_before"]
+    assert m["steps"] > 0 and m["epochs"] == pytest.approx(2.0)
+    assert json.loads((job_dir / "result.json").read_text()) == json.loads(json.dumps(result, default=str))
+
+
+def test_report_shows_before_and_after(job_run):
+    result, job_dir, _, _ = job_run
+    report = json.loads((job_dir / "report" / "report.json").read_text())
+    assert report["metrics"]["eval_loss_before"] == result["metrics"]["eval_loss_before"]
+    md = (job_dir / "report" / "report.md").read_text()
+    assert f"{result['metrics']['eval_loss_before']:.4f}"[:5] in md
+    assert (job_dir / "report" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(report["samples"]) == 2 and all(
+        {"base", "adapted", "reference"} <= s.keys() for s in report["samples"]
+    )
+    assert list((job_dir / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_adapter_loads_with_peft_and_changes_outputs(job_run, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result, job_dir, _, _ = job_run
+    adapter = Path(result["lora_artifact_path"])
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    assert (adapter / "tokenizer_config.json").exists()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    x = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        before = base(input_ids=x).logits
+        tuned = PeftModel.from_pretrained(base, adapter)
+        after = tuned(input_ids=x).logits
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+def test_archive_checksum(job_run):
+    import hashlib
+
+    result, _, _, _ = job_run
+    arc = Path(result["adapter"]["archive"])
+    assert hashlib.sha256(arc.read_bytes()).hexdigest() == result["adapter"]["sha256"]
+    assert arc.stat().st_size == result["adapter"]["size_bytes"]
+
+
+def test_webhooks_verify_in_order_and_end_with_the_result(job_run):
+    result, job_dir, rx, _ = job_run
+    events = []
+    for headers, body in rx.requests:
+        verify(SECRET, headers, body)  # raises if either signature or the timestamp is wrong
+        events.append(json.loads(body))
+    seqs = [e["sequence"] for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    order = [STAGES.index(e["status"]) for e in events]
+    assert order == sorted(order)
+    assert {
+        "queued",
+        "preprocessing",
+        "model_loading",
+        "model_loaded",
+        "training",
+        "evaluating",
+        "completed",
+    } <= {e["status"] for e in events}
+    final = events[-1]
+    assert final["status"] == "completed" and final["percent"] == 100.0
+    assert final["lora_artifact_path"] == result["lora_artifact_path"]
+    assert final["output"] == json.loads((job_dir / "result.json").read_text())
+    training = [e for e in events if e["status"] == "training" and e["step"] > 0]
+    assert training and all(e["total_steps"] == result["metrics"]["steps"] for e in training)
+    assert any(e["metrics"].get("loss") is not None for e in training)
+
+
+def test_secret_appears_nowhere(job_run):
+    _, job_dir, rx, logs = job_run
+    raw = SECRET.encode()
+    for f in job_dir.rglob("*"):
+        if f.is_file():
+            assert raw not in f.read_bytes(), f
+    assert all(raw not in body and raw.decode() not in json.dumps(h) for h, body in rx.requests)
+    assert logs and not any(SECRET in line for line in logs)
+
+
+def test_webhook_without_secret_is_refused(tiny_model, tmp_path):
+    result = run_job(
+        small_job(tiny_model, job_id="nosecret", webhook_url="https://dash.example.com/hook"),
+        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
+    )
+    assert result["status"] == "failed" and "WEBHOOK_SECRET" in result["error"]
+    assert not (tmp_path / "jobs" / "nosecret").exists()  # refused before any work
+
+
+def test_bad_dataset_fails_before_loading_the_model(tiny_model, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        '{"conversations": [{"conversation_metadata": {"conversation_id": "c9"}, "training_pairs": '
+        '[{"turn_number": 1, "current_user_input": "hi", "target_response": 7}]}]}'
+    )
+    result = run_job(
+        small_job(tiny_model, job_id="bad", dataset_path=str(bad)),
+        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
+    )
+    assert result["status"] == "failed"
+    assert "conversation c9 turn 1: target_response: must be a string or null" in result["error"]
+    assert "model_load" not in result["timings_s"]
+
+
+def test_oom_halves_the_micro_batch_and_completes(tiny_model, tmp_path):
+    # The first plan's micro-batches hold up to 4 x 1024 tokens; refuse anything above 2,100 tokens.
+    result = run_job(
+        small_job(tiny_model, job_id="oom", hyperparameters={"num_epochs": 1}),
+        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
+        hooks=Hooks(inject_oom_above_tokens=2100),
+    )
+    assert result["status"] == "completed", result
+    (rec,) = result["recoveries"]
+    assert rec["event"] == "out_of_memory" and rec["micro_batch_tokens"] == 4096
+    assert result["metrics"]["eval_loss_after"] < result["metrics"]["eval_loss_before"]
+
+
+def test_oom_at_the_smallest_budget_fails_clearly(tiny_model, tmp_path):
+    result = run_job(
+        small_job(tiny_model, job_id="oom2", hyperparameters={"num_epochs": 1}),
+        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
+        hooks=Hooks(inject_oom_above_tokens=16),
+    )
+    assert result["status"] == "failed"
+    assert (
+        "out of memory even with one sequence per micro-batch; tried 4096 tokens x 4 rows" in result["error"]
+    )
+
+
+class CancelAt:
+    """A progress channel that presses /cancel once training reaches a step."""
+
+    def __init__(self, event: threading.Event, step: int):
+        self.event, self.step, self.seen = event, step, []
+
+    def send(self, event, *, kind):
+        self.seen.append(event)
+        if event["status"] == "training" and event["step"] >= self.step:
+            self.event.set()
+
+    def close(self, timeout_s):
+        return True
+
+
+def test_cancel_stops_within_a_step_then_resubmission_resumes(tiny_model, tmp_path):
+    settings = Settings.from_env({"VOLUME_DIR": str(tmp_path), "PROGRESS_INTERVAL_S": "0"})
+    cancel = threading.Event()
+    spy = CancelAt(cancel, step=2)
+    job = small_job(tiny_model, job_id="cancel-me", training={"checkpoint_steps": 100})
+    result = run_job(job, settings=settings, cancel=cancel, hooks=Hooks(channels=[spy]))
+    assert result["status"] == "cancelled"
+    steps = [e["step"] for e in spy.seen if e["status"] == "training"]
+    assert max(steps) <= 3  # stopped within one optimizer step of the cancel
+    assert spy.seen[-1]["status"] == "cancelled"
+    ckpts = sorted((tmp_path / "jobs" / "cancel-me" / "checkpoints").glob("checkpoint-*/CHECKPOINT_COMPLETE"))
+    assert ckpts, "a cancelled job leaves a checkpoint"
+    again = run_job(job, settings=settings)
+    assert again["status"] == "completed"
+    assert again["resumed_from_step"] == int(ckpts[-1].parent.name.split("-")[1])
+
+
+def test_time_limit_stops_with_checkpoint(tiny_model, tmp_path):
+    result = run_job(
+        small_job(tiny_model, job_id="slow", max_duration_hours=0.0001),  # 0.36 s
+        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
+    )
+    assert result["status"] == "failed"
+    assert "time limit" in result["error"] and "resubmitting the same job_id resumes it" in result["error"]
+    assert list((tmp_path / "jobs" / "slow" / "checkpoints").glob("checkpoint-*/CHECKPOINT_COMPLETE"))
+
+
+def test_dry_run_trains_nothing(tiny_model, tmp_path):
+    result = run_job(
+        small_job(tiny_model, job_id="dry", dry_run=True),
+        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
+    )
+    assert result["status"] == "completed" and result["dry_run"] is True
+    assert result["plan"]["total_steps"] > 0 and result["dataset"]["pairs"] == 156
+    assert not (tmp_path / "jobs" / "dry" / "checkpoints").exists()
