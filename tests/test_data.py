@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, SAMPLE
 
 from lora_worker.data import (
     IGNORE_INDEX,
-    Conversation,
     DatasetError,
-    Message,
     build_examples,
     collate,
     load_conversations,
@@ -23,8 +21,6 @@ from lora_worker.data import (
     prepare_dataset,
     split_conversations,
 )
-
-from conftest import REPO, SAMPLE
 
 FULL = REPO.parent / "shared" / "data" / "brightrun-242.json"
 

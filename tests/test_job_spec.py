@@ -23,7 +23,13 @@ def test_defaults_are_the_seeds_balanced_config():
     hp = spec.hyperparameters
     assert spec.job_id == "abc-123"
     assert spec.base_model == DEFAULT_BASE_MODEL
-    assert (hp.num_epochs, hp.learning_rate, hp.lora_r, hp.lora_alpha, hp.lora_dropout) == (3, 2e-4, 16, 32, 0.05)
+    assert (hp.num_epochs, hp.learning_rate, hp.lora_r, hp.lora_alpha, hp.lora_dropout) == (
+        3,
+        2e-4,
+        16,
+        32,
+        0.05,
+    )
     assert (hp.batch_size, hp.gradient_accumulation_steps, hp.max_seq_length) == (4, 4, 2048)
     assert spec.micro_batch_tokens == 4 * 2048
     assert spec.max_duration_hours == 24
@@ -31,7 +37,9 @@ def test_defaults_are_the_seeds_balanced_config():
 
 def test_spec_is_immutable():
     spec = parse_job_input(OK, runpod_job_id="a")
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         spec.base_model = "x"  # type: ignore[misc]
 
 
@@ -41,13 +49,25 @@ def test_spec_is_immutable():
         ({**OK, "bogus": 1}, "bogus", "unknown field"),
         ({**OK, "hyperparameters": {"learning_rat": 1e-4}}, "hyperparameters.learning_rat", "unknown field"),
         ({**OK, "hyperparameters": {"learning_rate": 0}}, "hyperparameters.learning_rate", "greater than 0"),
-        ({**OK, "hyperparameters": {"learning_rate": -1e-4}}, "hyperparameters.learning_rate", "greater than 0"),
+        (
+            {**OK, "hyperparameters": {"learning_rate": -1e-4}},
+            "hyperparameters.learning_rate",
+            "greater than 0",
+        ),
         ({**OK, "hyperparameters": {"lora_r": 1.5}}, "hyperparameters.lora_r", "valid integer"),
         ({**OK, "hyperparameters": {"lora_r": 0}}, "hyperparameters.lora_r", "greater than or equal to 1"),
         ({**OK, "hyperparameters": {"lora_r": "16"}}, "hyperparameters.lora_r", "valid integer"),
         ({**OK, "hyperparameters": {"lora_dropout": 1.0}}, "hyperparameters.lora_dropout", "less than 1"),
-        ({**OK, "hyperparameters": {"lora_dropout": -0.1}}, "hyperparameters.lora_dropout", "greater than or equal"),
-        ({**OK, "hyperparameters": {"num_epochs": 0}}, "hyperparameters.num_epochs", "greater than or equal to 1"),
+        (
+            {**OK, "hyperparameters": {"lora_dropout": -0.1}},
+            "hyperparameters.lora_dropout",
+            "greater than or equal",
+        ),
+        (
+            {**OK, "hyperparameters": {"num_epochs": 0}},
+            "hyperparameters.num_epochs",
+            "greater than or equal to 1",
+        ),
         ({**OK, "hyperparameters": {"num_epochs": True}}, "hyperparameters.num_epochs", "valid integer"),
         ({**OK, "dry_run": "yes"}, "dry_run", "valid boolean"),
         ({"dataset_url": "http://example.com/d.json"}, "dataset_url", "https://"),
@@ -57,7 +77,11 @@ def test_spec_is_immutable():
         ({**OK, "job_id": "a/b"}, "job_id", "letters, digits"),
         ({**OK, "job_id": ""}, "job_id", "letters, digits"),
         ({**OK, "output": {"hf_repo": "no-slash"}}, "output.hf_repo", "org/name"),
-        ({**OK, "webhook_secret": "whsec_abc"}, "webhook_secret", "WEBHOOK_SECRET in the worker's environment"),
+        (
+            {**OK, "webhook_secret": "whsec_abc"},
+            "webhook_secret",
+            "WEBHOOK_SECRET in the worker's environment",
+        ),
         ({**OK, "hf_token": "hf_abc"}, "hf_token", "HF_TOKEN in the worker's environment"),
     ],
 )
