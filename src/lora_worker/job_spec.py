@@ -12,7 +12,7 @@ import re
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_BASE_MODEL = "meta-llama/Meta-Llama-3-70B-Instruct"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -192,12 +192,6 @@ class JobSpec(_Strict):
     def _webhook_https(cls, v: str | None) -> str | None:
         return None if v is None else _check_url(v, allow_loopback_http=True)
 
-    @model_validator(mode="after")
-    def _one_dataset(self) -> JobSpec:
-        if (self.dataset_url is None) == (self.dataset_path is None):
-            raise ValueError("dataset_url, dataset_path: give exactly one of them")
-        return self
-
     @property
     def micro_batch_tokens(self) -> int:
         hp = self.hyperparameters
@@ -240,6 +234,9 @@ def parse_job_input(raw: Any, *, runpod_job_id: str | None = None) -> JobSpec:
         if key.lower() in _SECRET_KEYS
     ]
     data = {k: v for k, v in raw.items() if k.lower() not in _SECRET_KEYS}
+    # Checked here rather than in a model validator, which pydantic skips once a field has failed.
+    if (data.get("dataset_url") is None) == (data.get("dataset_path") is None):
+        problems.append("dataset_url, dataset_path: give exactly one of them")
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as err:

@@ -1,0 +1,56 @@
+"""The RunPod handler: /cancel reaches training, which checkpoints, reports and re-raises."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from conftest import SAMPLE
+
+from lora_worker import worker
+from lora_worker.settings import Settings
+
+pytestmark = pytest.mark.e2e
+
+
+def test_task_cancel_stops_training_then_reraises(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(worker, "_settings", Settings.from_env({"VOLUME_DIR": str(tmp_path)}))
+    job = {
+        "id": "rp-123",
+        "input": {
+            "dataset_path": str(SAMPLE),
+            "base_model": str(tiny_model),
+            "hyperparameters": {"num_epochs": 5, "max_seq_length": 1024, "gradient_accumulation_steps": 1},
+            "training": {"checkpoint_steps": 1000},
+            "evaluation": {"num_samples": 0},
+        },
+    }
+    job_dir = tmp_path / "jobs" / "rp-123"
+
+    async def scenario():
+        task = asyncio.ensure_future(worker.handler(job))
+        deadline = time.monotonic() + 300
+        while not (job_dir / "tensorboard").exists():  # the Trainer has started
+            assert not task.done(), task.result()
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        task.cancel()  # what the SDK does on /cancel
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # by the time the cancellation propagates, the job has wound down
+        return json.loads((job_dir / "result.json").read_text())
+
+    result = asyncio.run(scenario())
+    assert result["status"] == "cancelled" and result["job_id"] == "rp-123"
+    assert list((job_dir / "checkpoints").glob("checkpoint-*/CHECKPOINT_COMPLETE"))
+
+
+def test_bad_input_is_a_readable_error_not_a_traceback(monkeypatch, tmp_path):
+    monkeypatch.setattr(worker, "_settings", Settings.from_env({"VOLUME_DIR": str(tmp_path)}))
+    out = asyncio.run(worker.handler({"id": "rp-1", "input": {"hyperparameters": {"lora_r": 0}}}))
+    assert "hyperparameters.lora_r: Input should be greater than or equal to 1" in out["error"]
+    assert "dataset_url, dataset_path: give exactly one of them" in out["error"]
+    assert "Traceback" not in out["error"]
