@@ -289,3 +289,38 @@ def test_dry_run_trains_nothing(tiny_model, tmp_path):
     assert result["status"] == "completed" and result["dry_run"] is True
     assert result["plan"]["total_steps"] > 0 and result["dataset"]["pairs"] == 156
     assert not (tmp_path / "jobs" / "dry" / "checkpoints").exists()
+
+
+def test_merge_writes_plain_weights_equal_to_base_plus_adapter(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = run_job(
+        small_job(
+            tiny_model,
+            job_id="merge",
+            hyperparameters={"num_epochs": 1},
+            output={"merge": True},
+            evaluation={"num_samples": 0},
+        ),
+        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path), "WANDB_API_KEY": "wandb-key-for-test"}),
+    )
+    assert result["status"] == "completed" and result["merged"]["ok"], result
+    assert any("wandb package is not installed" in w for w in result["warnings"])
+    merged = AutoModelForCausalLM.from_pretrained(result["merged"]["path"], dtype=torch.float32)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, result["lora_artifact_path"])
+    x = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        # merged weights are rounded to bf16 once; the PEFT path adds the bf16-rounded delta at run time
+        assert torch.allclose(merged(input_ids=x).logits, peft(input_ids=x).logits, atol=5e-2)
+
+
+def test_merge_refusal_is_clear():
+    from lora_worker.model import merge_problem
+
+    assert merge_problem(10 * 10**9, ram_bytes=100 * 10**9, disk_bytes=100 * 10**9) is None
+    msg = merge_problem(141 * 10**9, ram_bytes=120 * 10**9, disk_bytes=500 * 10**9)
+    assert msg.startswith("output.merge refused: needs about 155.1 GB of free RAM, 120.0 GB available")
+    assert "adapter itself is saved" in msg

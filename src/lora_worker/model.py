@@ -108,7 +108,12 @@ def add_lora(
     if upcast_fp32:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Transformers 5.2x renamed it; older 5.x (the GPU image's 5.17) only has the old name.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Inputs need grad so checkpointed segments of a frozen base still carry grads to the LoRA weights.
         model.enable_input_require_grads()
     torch.manual_seed(seed)  # LoRA A matrices are drawn here: same seed, same initial adapter
@@ -140,3 +145,66 @@ def release(*objs) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def weights_bytes(model_dir: Path) -> int:
+    """Bytes of the base model's safetensors (its bf16 size, for a bf16 checkpoint)."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
+def available_ram_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def merge_problem(need_bytes: int, *, ram_bytes: int, disk_bytes: int) -> str | None:
+    """Why a bf16 merge cannot run here, or None. The merge holds the whole bf16 model in CPU RAM
+    (plus ~10% working room) and writes a copy of the same size to the volume."""
+    gb = 1e9
+    problems = []
+    if ram_bytes < need_bytes * 1.1:
+        problems.append(
+            f"needs about {need_bytes * 1.1 / gb:.1f} GB of free RAM, {ram_bytes / gb:.1f} GB available"
+        )
+    if disk_bytes < need_bytes * 1.05:
+        problems.append(
+            f"needs about {need_bytes * 1.05 / gb:.1f} GB free on the volume, {disk_bytes / gb:.1f} GB free"
+        )
+    if problems:
+        return (
+            "output.merge refused: " + "; ".join(problems) + ". The adapter itself is saved and usable as is."
+        )
+    return None
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """Write base + adapter merged into plain bf16 weights (servable without PEFT), on the CPU.
+
+    The merge uses the original bf16 weights, not the NF4 copy: merging into dequantized NF4
+    weights would bake the quantization error into the released model.
+    """
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(
+        base_dir,
+        dtype=torch.bfloat16,
+        device_map={"": "cpu"},
+        low_cpu_mem_usage=True,
+        trust_remote_code=False,
+    )
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    release(base, merged)
+    return out_dir

@@ -91,6 +91,7 @@ class Job:
         )
         self.model = None
         self.before: float | None = None
+        self.warnings: list[str] = []  # things the sender should know that did not fail the job
 
     # -------------------------------------------------------------------------------- the story
 
@@ -115,9 +116,10 @@ class Job:
                 )
             after, samples = self.evaluate(data, tokenizer)
             adapter = self.save_adapter(tokenizer)
+            merged = self.merge(adapter)
             report = self.build_report(data, before, after, samples, outcome, history, adapter)
             uploads = self.upload(adapter)
-            return self.finish("completed", self.output(report, adapter, uploads, outcome))
+            return self.finish("completed", self.output(report, adapter, uploads, outcome, merged))
         except JobCancelled:
             return self.finish(
                 "cancelled", {"message": "cancelled; checkpoint saved, resubmit the job_id to resume"}
@@ -374,7 +376,7 @@ class Job:
             checkpoint_steps=tr.checkpoint_steps,
             logging_steps=tr.logging_steps,
             gradient_checkpointing=tr.gradient_checkpointing,
-            report_to=("tensorboard", "wandb") if self.settings.wandb_api_key else ("tensorboard",),
+            report_to=self.loggers(),
         )
         t = time.monotonic()
         if self.device == "cuda":
@@ -385,6 +387,20 @@ class Job:
         self.timings["train"] = round(time.monotonic() - t, 2)
         self.outcome = outcome
         return outcome, progress.history
+
+    def loggers(self) -> tuple[str, ...]:
+        """TensorBoard always; Weights & Biases too when WANDB_API_KEY is set and wandb is installed."""
+        import importlib.util
+
+        if not self.settings.wandb_api_key:
+            return ("tensorboard",)
+        if importlib.util.find_spec("wandb") is None:
+            self.warnings.append(
+                "WANDB_API_KEY is set but the optional wandb package is not installed "
+                "(pip install 'lora-worker[wandb]'); logged to TensorBoard only"
+            )
+            return ("tensorboard",)
+        return ("tensorboard", "wandb")
 
     def evaluate(self, data, tokenizer):
         from lora_worker.trainer import generate
@@ -417,6 +433,24 @@ class Job:
         shutil.rmtree(adapter, ignore_errors=True)
         tmp.rename(adapter)
         return adapter
+
+    def merge(self, adapter: Path) -> dict | None:
+        if not self.spec.output.merge:
+            return None
+        import shutil
+
+        from lora_worker.model import available_ram_bytes, merge_adapter, merge_problem, weights_bytes
+
+        need = weights_bytes(self.resolved.path)
+        problem = merge_problem(
+            need, ram_bytes=available_ram_bytes(), disk_bytes=shutil.disk_usage(self.dir).free
+        )
+        if problem:
+            return {"ok": False, "error": problem}
+        t = time.monotonic()
+        out = merge_adapter(self.resolved.path, adapter, self.dir / "merged")
+        self.timings["merge"] = round(time.monotonic() - t, 2)
+        return {"ok": True, "path": str(out), "size_bytes": weights_bytes(out)}
 
     def build_report(self, data, before, after, samples, outcome, history, adapter) -> dict:
         from lora_worker.artifacts import archive_dir
@@ -517,14 +551,17 @@ class Job:
         self.timings["upload"] = round(time.monotonic() - t, 2)
         return results
 
-    def output(self, report: dict, adapter: Path, uploads: dict, outcome) -> dict:
-        warnings = [
+    def output(self, report: dict, adapter: Path, uploads: dict, outcome, merged: dict | None) -> dict:
+        warnings = self.warnings + [
             f"upload to {k} failed: {v.get('error')}; the adapter is on the volume at {adapter}"
             for k, v in uploads.items()
             if not v.get("ok")
         ]
+        if merged and not merged["ok"]:
+            warnings.append(merged["error"])
         return {
             "lora_artifact_path": str(adapter),
+            "merged": merged,
             "adapter": report["adapter"],
             "report": self.report_paths,
             "metrics": report["metrics"],

@@ -106,7 +106,7 @@ def build_trainer(model, examples: Sequence[Example], pad_id: int, cfg: TrainCon
         save_total_limit=None,  # rotation is CheckpointCallback's, which keeps the last two complete ones
         eval_strategy="no",  # held-out loss is computed by EvalCallback, the same way before and after
         report_to=[r for r in cfg.report_to if r != "tensorboard"],
-        gradient_checkpointing=False,  # already enabled (non-reentrant) on the model by model.add_lora
+        # activation checkpointing is already enabled (non-reentrant) on the model by model.add_lora
         dataloader_num_workers=0,
         remove_unused_columns=False,
         use_cpu=device == "cpu",
