@@ -34,7 +34,12 @@ async def handler(job: dict) -> dict:
     runpod_job = job if env.runpod_queue else None
     task = asyncio.ensure_future(
         asyncio.to_thread(
-            run_job, job.get("input"), runpod_job=runpod_job, settings=env, cancel=cancel, default_job_id=job.get("id")
+            run_job,
+            job.get("input"),
+            runpod_job=runpod_job,
+            settings=env,
+            cancel=cancel,
+            default_job_id=job.get("id"),
         )
     )
     try:
