@@ -41,20 +41,6 @@ from lora_worker import __version__
 Kind = Literal["progress", "stage", "final"]
 KINDS: tuple[str, ...] = ("progress", "stage", "final")
 
-# Job statuses in the order a job moves through them; the last three are terminal.
-STAGES: tuple[str, ...] = (
-    "queued",
-    "preprocessing",
-    "model_loading",
-    "model_loaded",
-    "training",
-    "evaluating",
-    "uploading",
-    "completed",
-    "failed",
-    "cancelled",
-)
-
 SECRET_PREFIX = "whsec_"
 DEFAULT_TOLERANCE_S = 300  # Standard Webhooks' recommended replay window: 5 minutes, either side.
 # Headers `verify` requires (lower-case; lookup is case-insensitive).
