@@ -1,0 +1,265 @@
+"""The benchmark tool: its arithmetic, its search, its failure records, and a tiny CPU run end to end.
+
+The CPU run checks that both recipes go through the real code path (NF4 build, `add_lora`,
+`build_trainer`, the seed recipe, one subprocess per config, the JSON); it makes no timing claims.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_worker import bench
+from lora_worker.bench import (
+    SHAPES,
+    RunSpec,
+    attach_ratios,
+    find_max_budget,
+    mfu,
+    parse_runs,
+    peak_flops,
+    plan_runs,
+    project_seconds,
+    step_stats,
+)
+
+# ----------------------------------------------------------------------------- FLOPs and MFU
+
+
+def test_70b_flops_per_token_is_the_issue_count():
+    shape = SHAPES["70b"]
+    assert shape.matmul_params() == pytest.approx(69.5e9, rel=1e-3)
+    assert shape.flops_per_token() == pytest.approx(417e9, rel=1e-3)
+
+
+def test_mfu_against_dense_bf16_peak():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("cpu") is None
+    # 1,000 tokens/s x 417 GFLOP = 417 TFLOP/s = 42% of 989 TFLOP/s
+    assert mfu(1000.0, 417e9, 989e12) == pytest.approx(0.4216, abs=1e-4)
+    assert mfu(1000.0, 417e9, None) is None
+    assert mfu(0.0, 417e9, 989e12) is None
+
+
+def test_step_stats_drop_the_warm_up_step():
+    out = step_stats([9.0, 2.0, 2.2, 1.8], [10.0, 12.0, 14.2, 16.0], 2048)
+    assert out["median_step_s"] == 2.0
+    assert out["tokens_per_s"] == 1024.0
+    assert out["tokens_per_s_wall"] == pytest.approx(2048 / 2.0, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- configurations
+
+
+def test_grid_puts_the_seed_first_at_each_budget_and_caps_rows():
+    specs = plan_runs(["project", "seed"], [8192, 2048], [1, 4], seed_seq=2048)
+    assert [s.label for s in specs] == [
+        "seed:1x2048",
+        "project:1x2048",  # rows 4 at 2048 would be 512-token rows: capped to 1
+        "seed:4x2048",
+        "project:1x8192",
+        "project:4x2048",
+    ]
+    assert parse_runs("seed:1x2048, project:4x2048") == [
+        RunSpec("seed", 1, 2048),
+        RunSpec("project", 4, 2048),
+    ]
+    with pytest.raises(ValueError):
+        parse_runs("project:2048")
+
+
+def test_ratios_to_the_seed_at_the_same_budget():
+    results = [
+        {"recipe": "seed", "budget": 2048, "tokens_per_s": 800.0, "peak_reserved_gib": 50.0},
+        {"recipe": "project", "budget": 2048, "tokens_per_s": 1200.0, "peak_reserved_gib": 37.5},
+        {"recipe": "seed", "budget": 16384, "oom": True},
+        {"recipe": "project", "budget": 16384, "tokens_per_s": 1300.0, "peak_reserved_gib": 60.0},
+        {"recipe": "project", "budget": 32768, "oom": True},
+    ]
+    out = attach_ratios(results)
+    assert out[1]["vs_seed"] == 1.5 and out[1]["memory_vs_seed"] == 0.75
+    assert out[3]["vs_seed"] is None and out[3]["seed_at_budget"] == "out of memory"
+    assert out[4]["seed_at_budget"] == "not measured"
+
+
+# ----------------------------------------------------------------------------- largest budget
+
+
+def test_max_budget_search_doubles_then_bisects_to_the_granularity():
+    calls = []
+
+    def fits(b: int) -> bool:
+        calls.append(b)
+        return b <= 45_000  # out of memory above 45,000 tokens
+
+    out = find_max_budget(fits, start=8192, granularity=1024)
+    assert out["max_budget"] == 44032  # the largest multiple of 1024 <= 45,000
+    assert out["first_failing"] == 45056
+    assert calls[:4] == [8192, 16384, 32768, 65536]  # doubling until the first OOM
+    assert all(b % 1024 == 0 for b in calls)
+    assert len(calls) <= 4 + 5  # then log2(32768 / 1024) bisection steps
+    assert [p["fits"] for p in out["probes"]] == [b <= 45_000 for b in calls]
+
+
+def test_max_budget_search_edges():
+    assert find_max_budget(lambda b: b <= 5000)["max_budget"] == 4096  # below the start
+    assert find_max_budget(lambda b: False)["max_budget"] is None  # not even the smallest
+    out = find_max_budget(lambda b: True, limit=1 << 16)
+    assert out["max_budget"] == 65536 and out["limit_reached"]
+
+
+# ----------------------------------------------------------------------------- projection
+
+
+def test_job_projection_arithmetic():
+    p = project_seconds(600_000, 3, 1500.0, None)  # 1.8M tokens at 1,500 tok/s
+    assert p["train_seconds"] == 1200.0 and p["train_minutes"] == 20.0
+    assert p["total_minutes"] is None  # load time unknown: reported apart, not guessed
+    assert p["meets_20_min_target"]
+    assert p["vs_seed_estimate"] == "30x to 45x shorter than 10-15 h"
+    p = project_seconds(600_000, 3, 1500.0, 300.0)
+    assert p["total_minutes"] == 25.0 and not p["meets_20_min_target"]
+
+
+def test_project_job_on_the_sample_dataset(capsys):
+    sample = Path(__file__).resolve().parents[1] / "examples" / "brightrun-sample-24.json"
+    assert bench.main(["--project-job", "--dataset", str(sample), "--tokens-per-s", "1000"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    side = doc["dataset_side"]
+    assert (
+        side["padded_tokens_per_epoch"] >= side["tokens_per_epoch"] > side["trainable_tokens_per_epoch"] > 0
+    )
+    p = doc["projections"]["given"]
+    assert p["train_seconds"] == pytest.approx(side["padded_tokens_per_epoch"] * 3 / 1000.0, abs=0.1)
+    assert any("tiny offline tokenizer" in n for n in doc["notes"])
+
+
+# ----------------------------------------------------------------------------- failure records
+
+
+def _fake_python(tmp_path: Path, body: str) -> str:
+    exe = tmp_path / "fake-python"
+    exe.write_text(f"#!/bin/sh\n{body}\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return str(exe)
+
+
+def test_a_crashed_child_is_recorded_with_its_output(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "executable", _fake_python(tmp_path, "echo 'Segmentation fault' >&2; exit 139"))
+    cfg = {"recipe": "project", "rows": 1, "seq": 2048}
+    rec = bench.run_subprocess(cfg, timeout_s=30)
+    assert rec["ok"] is False and rec["oom"] is False
+    assert rec["returncode"] == 139 and "Segmentation fault" in rec["log_tail"]
+
+
+def test_an_uncaught_oom_in_the_child_is_still_an_oom(tmp_path, monkeypatch):
+    body = "echo 'torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB'; exit 1"
+    monkeypatch.setattr(sys, "executable", _fake_python(tmp_path, body))
+    rec = bench.run_subprocess({"recipe": "seed", "rows": 4, "seq": 2048}, timeout_s=30)
+    assert rec["oom"] is True and rec["budget"] == 8192
+
+
+def _tiny_cfg(**kw) -> dict:
+    from dataclasses import asdict
+
+    cfg = {"recipe": "project", "rows": 1, "seq": 64, "steps": 2, "shape": asdict(SHAPES["tiny"])}
+    cfg.update({"cap_gib": None, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "seed": 0})
+    return {**cfg, "label_fraction": 0.5, **kw}
+
+
+def test_out_of_memory_inside_a_run_is_a_result_not_a_crash(monkeypatch):
+    import torch
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.75 GiB")
+
+    monkeypatch.setattr(bench, "build_nf4_model", oom)
+    rec = bench.run_one(_tiny_cfg())
+    assert rec["oom"] is True and rec["ok"] is False and rec["failed_phase"] == "build"
+    assert "error" not in rec and "1.75 GiB" in rec["oom_message"]
+
+    def broken(*a, **k):
+        raise ValueError("some other failure")
+
+    monkeypatch.setattr(bench, "build_nf4_model", broken)
+    rec = bench.run_one(_tiny_cfg())
+    assert rec["oom"] is False and "ValueError: some other failure" in rec["error"]
+    assert "Traceback" in rec["traceback_tail"]
+
+
+def test_the_70b_shape_is_refused_on_the_cpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only guard")
+    rec = bench.run_one(_tiny_cfg(shape={**SHAPES["70b"].__dict__}))
+    assert rec["ok"] is False and "needs a GPU" in rec["error"]
+
+
+def test_a_hung_child_times_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "executable", _fake_python(tmp_path, "exec sleep 30"))
+    rec = bench.run_subprocess({"recipe": "seed", "rows": 1, "seq": 2048}, timeout_s=1)
+    assert rec["returncode"] is None and "timed out" in rec["error"]
+
+
+# ----------------------------------------------------------------------------- the tiny run, end to end
+
+
+@pytest.mark.e2e
+def test_tiny_bench_end_to_end_on_the_cpu(tmp_path):
+    """Both recipes, two budgets, one subprocess each, through the real training path."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU smoke test; tests marked gpu cover CUDA")
+    out = tmp_path / "tiny.json"
+    argv = ["--tiny", "--configs", "seed:1x64,project:1x64,project:2x64", "--steps", "2", "--out", str(out)]
+    assert bench.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["complete"] and doc["device"] == "cpu" and doc["timing_claims"] is False
+    assert {r["recipe"] for r in doc["results"]} == {"project", "seed"}
+    assert {r["budget"] for r in doc["results"]} == {64, 128}
+    for r in doc["results"]:
+        assert r.get("tokens_per_s", 0) > 0 or r.get("oom"), r
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "python"):
+        assert doc["versions"][name], name
+    seed, project = doc["results"][0], doc["results"][1]
+    # No CUDA: the project resolves "auto" to AdamW; the seed recipe falls back from paged 32-bit AdamW.
+    assert project["optimizer"] == "adamw_torch" and project["liger"] is False
+    assert project["upcast_fp32"] is False and seed["upcast_fp32"] is True
+    assert "needs CUDA" in seed["optimizer_note"]
+    assert project["labelled_tokens_per_step"] == 32  # assistant-like labels on the second half
+    assert project["vs_seed"] is not None  # measured against the seed at the same budget, same run
+    assert doc["command"][:4] == ["python", "-m", "lora_worker", "bench"]
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+def test_two_layer_70b_width_on_cuda_records_peak_memory(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    out = tmp_path / "gpu.json"
+    argv = ["--shape", "70b", "--layers", "2", "--configs", "seed:1x2048,project:1x2048", "--steps", "3"]
+    assert bench.main([*argv, "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "cuda" and doc["timing_claims"] is True and doc["versions"]["cuda"]
+    for r in doc["results"]:
+        assert r["ok"], r
+        assert r["peak_alloc_gib"] > 0 and r["peak_reserved_gib"] >= r["peak_alloc_gib"]
+        assert r["mfu"] is None or 0 < r["mfu"] < 1
+    seed, project = doc["results"]
+    assert seed["optimizer"] == "paged_adamw_32bit" and project["optimizer"] == "paged_adamw_8bit"
+    assert project["memory_vs_seed"] is not None and project["memory_vs_seed"] < 1.0  # no fp32 up-cast
+    if os.environ.get("EXPECT_LIGER"):
+        assert project["liger"] is True
