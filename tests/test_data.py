@@ -321,3 +321,31 @@ def test_validate_cli(tmp_path):
         "turn 1: current_user_input" in res.stderr
         and "target_response: must be a string or null" in res.stderr
     )
+
+
+def test_packed_row_isolates_examples(nf4_model, tokenizer):
+    """`packing: packed`: examples back to back in one row; each one's per-token loss is as alone."""
+    from lora_worker.data import collate_packed, plan_packed
+
+    convs, _ = load_conversations(SAMPLE)
+    exs, _ = build_examples(tokenizer, convs[:3], 512)
+    exs = exs[:3]
+    batch = collate_packed(exs)
+    with torch.no_grad():
+        logits = nf4_model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            attention_mask=batch["attention_mask"],
+        ).logits.float()
+    packed = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )[0]
+    at = 0
+    for e in exs:
+        n = len(e.input_ids)
+        alone = _loss_per_token(nf4_model, collate([e], tokenizer.pad_token_id))[0, : n - 1]
+        assert torch.allclose(packed[at : at + n - 1], alone, atol=2e-2)
+        at += n
+    plan = plan_packed([500, 300, 200, 900, 100], token_budget=1000)
+    assert sorted(i for b in plan for i in b) == [0, 1, 2, 3, 4]
+    assert all(sum([500, 300, 200, 900, 100][i] for i in b) <= 1000 for b in plan) and len(plan) == 2

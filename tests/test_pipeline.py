@@ -324,3 +324,19 @@ def test_merge_refusal_is_clear():
     msg = merge_problem(141 * 10**9, ram_bytes=120 * 10**9, disk_bytes=500 * 10**9)
     assert msg.startswith("output.merge refused: needs about 155.1 GB of free RAM, 120.0 GB available")
     assert "adapter itself is saved" in msg
+
+
+def test_packed_mode_trains(tiny_model, tmp_path):
+    result = run_job(
+        small_job(
+            tiny_model,
+            job_id="packed",
+            hyperparameters={"num_epochs": 1},
+            training={"packing": "packed"},
+            evaluation={"num_samples": 0},
+        ),
+        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
+    )
+    assert result["status"] == "completed", result
+    assert result["metrics"]["padding_fraction"] == 0.0
+    assert result["metrics"]["eval_loss_after"] < result["metrics"]["eval_loss_before"]

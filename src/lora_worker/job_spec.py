@@ -73,6 +73,11 @@ class TrainingOptions(_Strict):
     fold_conversations: bool = Field(
         True, description="Train each consistent conversation once, with loss on every target turn."
     )
+    packing: Literal["rows", "packed"] = Field(
+        "rows",
+        description="`rows`: one example per right-padded row, no mask (fastest measured); "
+        "`packed`: examples back to back in one row with a block-diagonal mask.",
+    )
     gradient_checkpointing: bool = Field(True, description="Non-reentrant activation checkpointing.")
     upcast_fp32: bool = Field(
         False, description="The seed's `prepare_model_for_kbit_training` (fp32 embeddings/head; more memory)."

@@ -92,6 +92,7 @@ class Job:
         self.model = None
         self.before: float | None = None
         self.warnings: list[str] = []  # things the sender should know that did not fail the job
+        self.report_to = self.loggers()
 
     # -------------------------------------------------------------------------------- the story
 
@@ -214,14 +215,10 @@ class Job:
 
     def estimate(self, data) -> dict:
         """Steps, and (on a GPU) rough time and cost from the measured 70B rate in BENCHMARKS.md."""
-        hp = self.spec.hyperparameters
-        from lora_worker.data import plan_micro_batches
+        from lora_worker.trainer import plan_batches
 
-        plan = plan_micro_batches(
-            [len(e.input_ids) for e in data.train],
-            token_budget=self.spec.micro_batch_tokens,
-            max_rows=hp.batch_size,
-        )
+        hp = self.spec.hyperparameters
+        plan = plan_batches(data.train, self.train_config())
         steps_per_epoch = max(1, len(plan) // hp.gradient_accumulation_steps)
         tokens = data.summary.tokens_total * hp.num_epochs
         est = {
@@ -338,10 +335,10 @@ class Job:
 
     def train(self, data, tokenizer):
         from lora_worker.callbacks import CheckpointCallback, EvalCallback, ProgressCallback, StopCallback
-        from lora_worker.trainer import TrainConfig, latest_checkpoint, train
+        from lora_worker.trainer import latest_checkpoint, train
 
         spec = self.spec
-        hp, tr = spec.hyperparameters, spec.training
+        tr = spec.training
         ckpt_dir = self.dir / "checkpoints"
         resume = latest_checkpoint(ckpt_dir)
         tokens_per_epoch = data.summary.tokens_total
@@ -362,7 +359,25 @@ class Job:
         if data.eval:
             every = tr.eval_steps or max(1, self.plan["steps_per_epoch"])
             callbacks.append(EvalCallback(lambda: self._eval_loss(data), every, progress.record_eval))
-        cfg = TrainConfig(
+        cfg = self.train_config()
+        t = time.monotonic()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        outcome = train(self.model, data.train, self.pad_id, cfg, callbacks, stop)
+        self.timings["train"] = round(time.monotonic() - t, 2)
+        self.outcome = outcome
+        return outcome, progress.history
+
+    def train_config(self):
+        """The trainer's plain values, from the spec (one place, for the estimate and the run)."""
+        from lora_worker.trainer import TrainConfig
+
+        spec = self.spec
+        hp, tr = spec.hyperparameters, spec.training
+        ckpt_dir = self.dir / "checkpoints"
+        return TrainConfig(
             output_dir=ckpt_dir,
             logging_dir=self.dir / "tensorboard",
             num_epochs=hp.num_epochs,
@@ -376,17 +391,9 @@ class Job:
             checkpoint_steps=tr.checkpoint_steps,
             logging_steps=tr.logging_steps,
             gradient_checkpointing=tr.gradient_checkpointing,
-            report_to=self.loggers(),
+            packing=tr.packing,
+            report_to=self.report_to,
         )
-        t = time.monotonic()
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        outcome = train(self.model, data.train, self.pad_id, cfg, callbacks, stop)
-        self.timings["train"] = round(time.monotonic() - t, 2)
-        self.outcome = outcome
-        return outcome, progress.history
 
     def loggers(self) -> tuple[str, ...]:
         """TensorBoard always; Weights & Biases too when WANDB_API_KEY is set and wandb is installed."""

@@ -1,7 +1,7 @@
 """Training on the stock Transformers Trainer, fed whole micro-batches, with OOM recovery.
 
 The Trainer sees a dataset whose items are ready micro-batches (planned by
-`data.plan_micro_batches` within a token budget), so `per_device_train_batch_size` is 1 and the
+`data.plan_micro_batches` or `data.plan_packed` within a token budget), so `per_device_train_batch_size` is 1 and the
 collator unwraps. Loss is averaged over the trained tokens of all micro-batches in an optimizer
 step (the Trainer passes `num_items_in_batch`), so long and short examples weigh per token.
 """
@@ -17,20 +17,28 @@ from pathlib import Path
 import torch
 
 from lora_worker.callbacks import COMPLETE_MARKER, clean_incomplete, complete_checkpoints
-from lora_worker.data import Example, collate, plan_micro_batches
+from lora_worker.data import Example, collate, collate_packed, plan_micro_batches, plan_packed
 
 log = logging.getLogger(__name__)
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    def __init__(self, examples: Sequence[Example], plan: list[list[int]], pad_id: int):
-        self.examples, self.plan, self.pad_id = examples, plan, pad_id
+    def __init__(self, examples: Sequence[Example], plan: list[list[int]], pad_id: int, packed: bool = False):
+        self.examples, self.plan, self.pad_id, self.packed = examples, plan, pad_id, packed
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __getitem__(self, i: int) -> dict:
-        return collate([self.examples[j] for j in self.plan[i]], self.pad_id)
+        batch = [self.examples[j] for j in self.plan[i]]
+        return collate_packed(batch) if self.packed else collate(batch, self.pad_id)
+
+
+def plan_batches(examples: Sequence[Example], cfg: TrainConfig) -> list[list[int]]:
+    lengths = [len(e.input_ids) for e in examples]
+    if cfg.packing == "packed":
+        return plan_packed(lengths, token_budget=cfg.micro_batch_tokens)
+    return plan_micro_batches(lengths, token_budget=cfg.micro_batch_tokens, max_rows=cfg.max_rows)
 
 
 def _unwrap(items: list[dict]) -> dict:
@@ -54,6 +62,7 @@ class TrainConfig:
     checkpoint_steps: int
     logging_steps: int
     gradient_checkpointing: bool
+    packing: str = "rows"  # "rows": one example per right-padded row; "packed": one row, block mask
     report_to: tuple[str, ...] = ("tensorboard",)
 
 
@@ -82,9 +91,7 @@ def resolve_optimizer(name: str, device: str) -> str:
 def build_trainer(model, examples: Sequence[Example], pad_id: int, cfg: TrainConfig, callbacks: list):
     from transformers import Trainer, TrainingArguments
 
-    plan = plan_micro_batches(
-        [len(e.input_ids) for e in examples], token_budget=cfg.micro_batch_tokens, max_rows=cfg.max_rows
-    )
+    batches = plan_batches(examples, cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args = TrainingArguments(
         output_dir=str(cfg.output_dir),
@@ -122,15 +129,17 @@ def build_trainer(model, examples: Sequence[Example], pad_id: int, cfg: TrainCon
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=MicroBatches(examples, plan, pad_id),
+        train_dataset=MicroBatches(examples, batches, pad_id, packed=cfg.packing == "packed"),
         data_collator=_unwrap,
         callbacks=callbacks,
     )
-    return trainer, plan
+    return trainer, batches
 
 
-def padding_fraction(examples: Sequence[Example], plan: list[list[int]]) -> float:
+def padding_fraction(examples: Sequence[Example], plan: list[list[int]], packed: bool = False) -> float:
     real = sum(len(e.input_ids) for e in examples)
+    if packed:
+        return 0.0
     padded = sum(len(b) * max(len(examples[i].input_ids) for i in b) for b in plan)
     return round(1 - real / padded, 4) if padded else 0.0
 
@@ -210,7 +219,7 @@ def train(
         micro_batch_tokens=cfg.micro_batch_tokens,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         stopped_reason=stop_cb.reason,
-        padding_fraction=padding_fraction(examples, plan),
+        padding_fraction=padding_fraction(examples, plan, packed=cfg.packing == "packed"),
     )
     log.info("training finished: %s (trainer said %s)", outcome, out.metrics)
     return outcome
