@@ -45,8 +45,9 @@ WORKDIR /app
 
 # Dependencies first: this layer (the big one) is rebuilt only when the pins change,
 # not on every source edit. Same pinned file CI installs.
-COPY builder/requirements.txt builder/requirements.txt
-RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -r builder/requirements.txt
+COPY builder/requirements.txt builder/requirements-cuda.txt builder/
+RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" \
+        -r builder/requirements.txt -r builder/requirements-cuda.txt
 
 # The package itself (no dependencies: they are all pinned above), then the tiny offline
 # model that .runpod/tests.json trains on. The tiny model is a few MB of random weights with
