@@ -114,6 +114,8 @@ def test_report_shows_before_and_after(job_run):
         {"base", "adapted", "reference"} <= s.keys() for s in report["samples"]
     )
     assert list((job_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    used = report["settings"]
+    assert (used["optimizer_used"], used["liger_used"], used["device"]) == ("adamw_torch", False, "cpu")
 
 
 def test_adapter_loads_with_peft_and_changes_outputs(job_run, tiny_model):

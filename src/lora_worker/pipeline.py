@@ -462,7 +462,7 @@ class Job:
     def build_report(self, data, before, after, samples, outcome, history, adapter) -> dict:
         from lora_worker.artifacts import archive_dir
         from lora_worker.reporting import write_report
-        from lora_worker.trainer import perplexity
+        from lora_worker.trainer import perplexity, resolve_optimizer
 
         spec = self.spec
         peak = None
@@ -482,6 +482,11 @@ class Job:
                 **spec.training.model_dump(),
                 "micro_batch_tokens": outcome.micro_batch_tokens,
                 "gradient_accumulation_steps": outcome.gradient_accumulation_steps,
+                # what "auto" became on this machine
+                "optimizer_used": resolve_optimizer(spec.training.optimizer, self.device),
+                "liger_used": self.liger,
+                "device": self.device,
+                "gpu": self.gpu_name,
             },
             "metrics": {
                 "train_loss": outcome.train_loss,
