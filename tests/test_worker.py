@@ -54,3 +54,31 @@ def test_bad_input_is_a_readable_error_not_a_traceback(monkeypatch, tmp_path):
     assert "hyperparameters.lora_r: Input should be greater than or equal to 1" in out["error"]
     assert "dataset_url, dataset_path: give exactly one of them" in out["error"]
     assert "Traceback" not in out["error"]
+
+
+def test_a_second_cancel_does_not_cut_the_wind_down_short(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(worker, "_settings", Settings.from_env({"VOLUME_DIR": str(tmp_path)}))
+    job = {
+        "id": "rp-twice",
+        "input": {
+            "dataset_path": str(SAMPLE),
+            "base_model": str(tiny_model),
+            "hyperparameters": {"num_epochs": 5, "max_seq_length": 1024, "gradient_accumulation_steps": 1},
+            "evaluation": {"num_samples": 0},
+        },
+    }
+    job_dir = tmp_path / "jobs" / "rp-twice"
+
+    async def scenario():
+        task = asyncio.ensure_future(worker.handler(job))
+        while not (job_dir / "tensorboard").exists():
+            assert not task.done()
+            await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.01)
+        task.cancel()  # e.g. /cancel and the execution timeout both fire
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return (job_dir / "result.json").exists()
+
+    assert asyncio.run(scenario()), "the handler returned before the job had wound down"

@@ -47,7 +47,14 @@ async def handler(job: dict) -> dict:
     except asyncio.CancelledError:
         log.info("job %s: cancel received; stopping at the next optimizer step", job.get("id"))
         cancel.set()
-        await task  # the thread checkpoints, reports `cancelled` and releases the model
+        # Wait for the thread to checkpoint, report `cancelled` and release the model, even if a
+        # second stop (cancel plus timeout) arrives meanwhile: returning early would let the SDK
+        # hand this GPU a new job while the old one is still training on it.
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                continue
         raise
     if not env.runpod_queue:
         print(json.dumps(result, indent=2, default=str), flush=True)
