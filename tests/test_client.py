@@ -147,3 +147,10 @@ def test_status_cancel_and_wait_exit_codes(endpoint, tmp_path, capsys):
     assert captured.err.splitlines()[-1] == "CANCELLED"
     assert cli.main(["cancel", "--url", url, job_id]) == 0
     assert json.loads(capsys.readouterr().out) == {"id": job_id, "status": "CANCELLED"}
+
+
+def test_job_policy_covers_the_jobs_own_time_limit():
+    from lora_worker.client import job_policy
+
+    assert job_policy({"dataset_path": "x"}) == {"executionTimeout": 25 * 3_600_000, "ttl": 48 * 3_600_000}
+    assert job_policy({"max_duration_hours": 30}) == {"executionTimeout": 31 * 3_600_000, "ttl": 54 * 3_600_000}

@@ -74,12 +74,15 @@ def job_run(tiny_model, tmp_path_factory):
     settings = Settings.from_env(
         {"VOLUME_DIR": str(volume), "WEBHOOK_SECRET": SECRET, "PROGRESS_INTERVAL_S": "0"}
     )
-    handler = _Capture()
-    logging.getLogger().addHandler(handler)
+    handler, root = _Capture(), logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)  # every record of every library, so the secret check sees them all
     try:
         result = run_job(small_job(tiny_model, job_id="e2e-1", webhook_url=rx.url), settings=settings)
     finally:
-        logging.getLogger().removeHandler(handler)
+        root.removeHandler(handler)
+        root.setLevel(level)
         rx.close()
     return result, volume / "jobs" / "e2e-1", rx, handler.lines
 

@@ -60,7 +60,7 @@ class EndpointClient:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
 
     def submit(self, job_input: dict, *, webhook: str | None = None) -> dict:
-        body: dict[str, Any] = {"input": job_input}
+        body: dict[str, Any] = {"input": job_input, "policy": job_policy(job_input)}
         if webhook:
             body["webhook"] = webhook
         return self._call("POST", "run", body)
@@ -140,6 +140,17 @@ def _error_text(r: requests.Response) -> str:
 
 
 # ---------------------------------------------------------------------------------- job input
+
+
+def job_policy(job_input: dict) -> dict:
+    """RunPod's per-job policy, sized to the job's own time limit.
+
+    A job stops itself with a checkpoint at max_duration_hours; RunPod may run it one hour longer
+    (loading, evaluation, upload) and keep it for two days in all, queue time included (RunPod's
+    default lifetime is 24 h, which a day-long training job would exceed). Milliseconds.
+    """
+    hours = float(job_input.get("max_duration_hours") or 24.0) if isinstance(job_input, dict) else 24.0
+    return {"executionTimeout": int((hours + 1) * 3_600_000), "ttl": int(max(48.0, hours + 24) * 3_600_000)}
 
 
 def build_input(a: argparse.Namespace, *, local: bool) -> dict:
