@@ -96,7 +96,7 @@ else
     budget=$(($(left) - 15))
     # 3 steps: one warm-up and two timed (enough for multi-second steps; see BENCHMARKS.md).
     timeout -k 10 "$budget" "$PY" -m lora_worker bench --shape 70b --cap-gib 79 --steps 3 \
-        --configs seed:1x2048,project:1x2048,project:4x2048,seed:4x2048,project:1x32768,project:1x16384 \
+        --configs seed:1x2048,project:1x2048,project:4x2048,seed:4x2048,project:1x32768,packed:4x2048,project:1x16384 \
         --config-timeout-s 240 --out "$OUT/bench-70b.json" 2>&1 | tee "$OUT/bench-70b.log" \
         | grep -vE "FutureWarning|warnings.warn|^\{'loss'"
     echo "bench exited (PIPESTATUS ${PIPESTATUS[*]})"

@@ -220,11 +220,19 @@ def test_tiny_bench_end_to_end_on_the_cpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the CPU smoke test; tests marked gpu cover CUDA")
     out = tmp_path / "tiny.json"
-    argv = ["--tiny", "--configs", "seed:1x64,project:1x64,project:2x64", "--steps", "2", "--out", str(out)]
+    argv = [
+        "--tiny",
+        "--configs",
+        "seed:1x64,project:1x64,project:2x64,packed:2x64",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert bench.main(argv) == 0
     doc = json.loads(out.read_text())
     assert doc["complete"] and doc["device"] == "cpu" and doc["timing_claims"] is False
-    assert {r["recipe"] for r in doc["results"]} == {"project", "seed"}
+    assert {r["recipe"] for r in doc["results"]} == {"project", "packed", "seed"}
     assert {r["budget"] for r in doc["results"]} == {64, 128}
     for r in doc["results"]:
         assert r.get("tokens_per_s", 0) > 0 or r.get("oom"), r

@@ -12,6 +12,9 @@ What it measures (see BENCHMARKS.md for the method and the figures):
   non-reentrant checkpointing, Liger on CUDA when installed) + `trainer.build_trainer` with
   `optimizer="auto"` (paged 8-bit AdamW on CUDA), fed synthetic `Example`s planned into
   micro-batches of a token budget by `data.plan_micro_batches` (right-padded rows, no mask).
+- `packed`: the same path with `training.packing = "packed"`: ROWS documents of SEQ tokens back to
+  back in one row, positions restarting per document, an explicit block-diagonal mask (what
+  padding-free isolation costs through sdpa).
 - `seed`: the seed document's recipe: `prepare_model_for_kbit_training` (fp32 up-cast),
   `paged_adamw_32bit`, a plain HF `Trainer` on `batch x 2048` rows.
 
@@ -135,7 +138,7 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> floa
 
 @dataclass(frozen=True)
 class RunSpec:
-    recipe: str  # "project" | "seed"
+    recipe: str  # "project" | "packed" | "seed"
     rows: int
     seq: int  # tokens per row
 
@@ -166,6 +169,11 @@ def plan_runs(
                 r = max(1, min(r, b // seed_seq))
                 if b % r == 0:
                     out.append(RunSpec("project", r, b // r))
+        if "packed" in recipes:
+            for r in rows:
+                r = max(1, min(r, b // seed_seq))
+                if r > 1 and b % r == 0:  # one document per row is the plain project path
+                    out.append(RunSpec("packed", r, b // r))
     seen: set[RunSpec] = set()
     return [s for s in out if not (s in seen or seen.add(s))]
 
@@ -174,7 +182,7 @@ def parse_runs(text: str) -> list[RunSpec]:
     """'seed:1x2048,project:4x2048' -> RunSpecs (recipe:ROWSxSEQ)."""
     out = []
     for item in filter(None, (x.strip() for x in text.split(","))):
-        m = re.fullmatch(r"(project|seed):(\d+)x(\d+)", item)
+        m = re.fullmatch(r"(project|packed|seed):(\d+)x(\d+)", item)
         if not m:
             raise ValueError(f"bad config {item!r}: expected recipe:ROWSxSEQ, e.g. project:4x2048")
         out.append(RunSpec(m[1], int(m[2]), int(m[3])))
@@ -331,6 +339,7 @@ def _project_trainer(model, cfg: dict, device: str, workdir: Path, clock) -> tup
         checkpoint_steps=10**9,  # no checkpoint inside the timed steps
         logging_steps=1,
         gradient_checkpointing=True,
+        packing="packed" if cfg["recipe"] == "packed" else "rows",
         report_to=(),
     )
     trainer, plan = build_trainer(model, examples, shape.vocab - 1, tcfg, [clock])
@@ -469,7 +478,7 @@ def run_one(cfg: dict) -> dict:
         rec["build_s"] = round(time.perf_counter() - t0, 2)
         phase = "prepare"
         clock = _step_clock(device)
-        make = _project_trainer if cfg["recipe"] == "project" else _seed_trainer
+        make = _seed_trainer if cfg["recipe"] == "seed" else _project_trainer
         trainer, info = make(model, cfg, device, workdir, clock)
         rec.update(info)
         rec["trainable_params"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -694,7 +703,7 @@ def attach_ratios(results: list[dict]) -> list[dict]:
     """For each project result: its tokens/s and peak memory over the seed's at the same budget."""
     seeds = {r["budget"]: r for r in results if r.get("recipe") == "seed"}
     for r in results:
-        if r.get("recipe") != "project":
+        if r.get("recipe") not in ("project", "packed"):
             continue
         s = seeds.get(r["budget"])
         r["vs_seed"] = None
@@ -946,7 +955,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rows", help="rows per micro-batch, capped so a row is >= --seed-seq tokens (default 1,4; tiny: 2)"
     )
-    p.add_argument("--recipes", default="project,seed", help="project,seed")
+    p.add_argument("--recipes", default="project,seed", help="any of project,packed,seed")
     p.add_argument("--configs", help="explicit list instead of the grid, e.g. seed:1x2048,project:4x2048")
     p.add_argument("--seed-seq", type=int, help="row length of the seed recipe (default 2048; tiny: 128)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per config; the first is warm-up")
