@@ -345,3 +345,76 @@ def test_packed_mode_trains(tiny_model, tmp_path):
     assert result["status"] == "completed", result
     assert result["metrics"]["padding_fraction"] == 0.0
     assert result["metrics"]["eval_loss_after"] < result["metrics"]["eval_loss_before"]
+
+
+class PutServer:
+    """Accepts PUTs under /ok/ (storing the body), refuses the rest with 403 like an expired URL."""
+
+    def __init__(self):
+        self.stored: dict[str, bytes] = {}
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_PUT(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path.startswith("/ok/"):
+                    outer.stored[self.path.split("?")[0]] = body
+                    self.send_response(200)
+                else:
+                    self.send_response(403)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def put_server():
+    s = PutServer()
+    yield s
+    s.server.shutdown()
+
+
+def test_upload_to_a_presigned_url(tiny_model, tmp_path, put_server):
+    import hashlib
+
+    url = f"{put_server.base}/ok/adapter.tar.gz?X-Amz-Signature=abc123"
+    result = run_job(
+        small_job(
+            tiny_model,
+            job_id="up",
+            hyperparameters={"num_epochs": 1},
+            output={"upload_url": url},
+            evaluation={"num_samples": 0},
+        ),
+        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
+    )
+    assert result["status"] == "completed" and result["uploads"]["presigned"]["ok"], result
+    body = put_server.stored["/ok/adapter.tar.gz"]
+    assert hashlib.sha256(body).hexdigest() == result["adapter"]["sha256"]
+    assert "abc123" not in json.dumps(result)  # the URL's signature is not echoed into the output
+
+
+def test_failed_upload_keeps_the_adapter_and_says_where(tiny_model, tmp_path, put_server):
+    url = f"{put_server.base}/expired/adapter.tar.gz?X-Amz-Signature=abc123"
+    result = run_job(
+        small_job(
+            tiny_model,
+            job_id="up-fail",
+            hyperparameters={"num_epochs": 1},
+            output={"upload_url": url},
+            evaluation={"num_samples": 0},
+        ),
+        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
+    )
+    assert result["status"] == "completed"
+    up = result["uploads"]["presigned"]
+    assert up["ok"] is False and up["attempts"] == 1 and "403" in up["error"]
+    (warning,) = result["warnings"]
+    assert warning.startswith("upload to presigned failed") and result["lora_artifact_path"] in warning
+    assert (Path(result["lora_artifact_path"]) / "adapter_model.safetensors").exists()
+    assert Path(result["adapter"]["archive"]).exists()
