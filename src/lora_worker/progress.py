@@ -63,7 +63,8 @@ class RunPodChannel:
         self._thread = threading.Thread(target=self._run, name="runpod-progress", daemon=True)
         self._thread.start()
 
-    def send(self, event: dict) -> None:
+    def send(self, event: dict, *, kind: str = "progress") -> None:
+        # Every event goes to /status; `kind` matters to webhooks (retries), not here.
         self._q.put(event)
 
     def _run(self) -> None:
@@ -167,10 +168,7 @@ class Reporter:
             self.events.append(event)
             for ch in self.channels:
                 try:
-                    if hasattr(ch, "job"):
-                        ch.send(event)
-                    else:
-                        ch.send(event, kind=kind)
+                    ch.send(event, kind=kind)
                 except Exception as err:
                     log.warning("progress channel %s failed: %s", type(ch).__name__, type(err).__name__)
             log.info(
