@@ -153,4 +153,7 @@ def test_job_policy_covers_the_jobs_own_time_limit():
     from lora_worker.client import job_policy
 
     assert job_policy({"dataset_path": "x"}) == {"executionTimeout": 25 * 3_600_000, "ttl": 48 * 3_600_000}
-    assert job_policy({"max_duration_hours": 30}) == {"executionTimeout": 31 * 3_600_000, "ttl": 54 * 3_600_000}
+    assert job_policy({"max_duration_hours": 30}) == {
+        "executionTimeout": 31 * 3_600_000,
+        "ttl": 54 * 3_600_000,
+    }

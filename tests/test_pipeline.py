@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE
+from conftest import LoopbackServer, tiny_job
 
 from lora_worker.pipeline import Hooks, run_job
 from lora_worker.progress import STAGES
@@ -22,55 +21,11 @@ pytestmark = pytest.mark.e2e
 SECRET = "whsec_" + "c2VjcmV0LXZhbHVlLWZvci10ZXN0cy0xMjM0NQ=="  # base64 of a test secret
 
 
-def small_job(tiny_model: Path, **over) -> dict:
-    job = {
-        "dataset_path": str(SAMPLE),
-        "base_model": str(tiny_model),
-        "hyperparameters": {
-            "num_epochs": 2,
-            "learning_rate": 0.002,
-            "lora_dropout": 0.0,
-            "max_seq_length": 1024,
-            "batch_size": 4,
-            "gradient_accumulation_steps": 2,
-        },
-        "training": {"checkpoint_steps": 5},
-        "evaluation": {"num_samples": 2, "max_new_tokens": 8},
-    }
-    for k, v in over.items():
-        job[k] = {**job.get(k, {}), **v} if isinstance(v, dict) else v
-    return job
-
-
-class Receiver:
-    """A real webhook receiver on 127.0.0.1 that records raw requests."""
-
-    def __init__(self):
-        self.requests: list[tuple[dict, bytes]] = []
-        outer = self
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/training/webhook"
-
-    def close(self):
-        self.server.shutdown()
-
-
 @pytest.fixture(scope="module")
 def job_run(tiny_model, tmp_path_factory):
     volume = tmp_path_factory.mktemp("volume")
-    rx = Receiver()
+    rx = LoopbackServer()
+    rx.url = f"{rx.base}/api/training/webhook"
     settings = Settings.from_env(
         {"VOLUME_DIR": str(volume), "WEBHOOK_SECRET": SECRET, "PROGRESS_INTERVAL_S": "0"}
     )
@@ -79,7 +34,7 @@ def job_run(tiny_model, tmp_path_factory):
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)  # every record of every library, so the secret check sees them all
     try:
-        result = run_job(small_job(tiny_model, job_id="e2e-1", webhook_url=rx.url), settings=settings)
+        result = run_job(tiny_job(tiny_model, job_id="e2e-1", webhook_url=rx.url), settings=settings)
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
@@ -160,7 +115,7 @@ def test_archive_checksum(job_run):
 def test_webhooks_verify_in_order_and_end_with_the_result(job_run):
     result, job_dir, rx, _ = job_run
     events = []
-    for headers, body in rx.requests:
+    for _, _, headers, body in rx.requests:
         verify(SECRET, headers, body)  # raises if either signature or the timestamp is wrong
         events.append(json.loads(body))
     seqs = [e["sequence"] for e in events]
@@ -191,13 +146,13 @@ def test_secret_appears_nowhere(job_run):
     for f in job_dir.rglob("*"):
         if f.is_file():
             assert raw not in f.read_bytes(), f
-    assert all(raw not in body and raw.decode() not in json.dumps(h) for h, body in rx.requests)
+    assert all(raw not in body and raw.decode() not in json.dumps(h) for _, _, h, body in rx.requests)
     assert logs and not any(SECRET in line for line in logs)
 
 
 def test_webhook_without_secret_is_refused(tiny_model, tmp_path):
     result = run_job(
-        small_job(tiny_model, job_id="nosecret", webhook_url="https://dash.example.com/hook"),
+        tiny_job(tiny_model, job_id="nosecret", webhook_url="https://dash.example.com/hook"),
         settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
     )
     assert result["status"] == "failed" and "WEBHOOK_SECRET" in result["error"]
@@ -211,7 +166,7 @@ def test_bad_dataset_fails_before_loading_the_model(tiny_model, tmp_path):
         '[{"turn_number": 1, "current_user_input": "hi", "target_response": 7}]}]}'
     )
     result = run_job(
-        small_job(tiny_model, job_id="bad", dataset_path=str(bad)),
+        tiny_job(tiny_model, job_id="bad", dataset_path=str(bad)),
         settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
     )
     assert result["status"] == "failed"
@@ -222,7 +177,7 @@ def test_bad_dataset_fails_before_loading_the_model(tiny_model, tmp_path):
 def test_oom_halves_the_micro_batch_and_completes(tiny_model, tmp_path):
     # The first plan's micro-batches hold up to 4 x 1024 tokens; refuse anything above 2,100 tokens.
     result = run_job(
-        small_job(tiny_model, job_id="oom", hyperparameters={"num_epochs": 1}),
+        tiny_job(tiny_model, job_id="oom", hyperparameters={"num_epochs": 1}),
         settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
         hooks=Hooks(inject_oom_above_tokens=2100),
     )
@@ -234,7 +189,7 @@ def test_oom_halves_the_micro_batch_and_completes(tiny_model, tmp_path):
 
 def test_oom_at_the_smallest_budget_fails_clearly(tiny_model, tmp_path):
     result = run_job(
-        small_job(tiny_model, job_id="oom2", hyperparameters={"num_epochs": 1}),
+        tiny_job(tiny_model, job_id="oom2", hyperparameters={"num_epochs": 1}),
         settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
         hooks=Hooks(inject_oom_above_tokens=16),
     )
@@ -263,7 +218,7 @@ def test_cancel_stops_within_a_step_then_resubmission_resumes(tiny_model, tmp_pa
     settings = Settings.from_env({"VOLUME_DIR": str(tmp_path), "PROGRESS_INTERVAL_S": "0"})
     cancel = threading.Event()
     spy = CancelAt(cancel, step=2)
-    job = small_job(tiny_model, job_id="cancel-me", training={"checkpoint_steps": 100})
+    job = tiny_job(tiny_model, job_id="cancel-me", training={"checkpoint_steps": 100})
     result = run_job(job, settings=settings, cancel=cancel, hooks=Hooks(channels=[spy]))
     assert result["status"] == "cancelled"
     steps = [e["step"] for e in spy.seen if e["status"] == "training"]
@@ -278,7 +233,7 @@ def test_cancel_stops_within_a_step_then_resubmission_resumes(tiny_model, tmp_pa
 
 def test_time_limit_stops_with_checkpoint(tiny_model, tmp_path):
     result = run_job(
-        small_job(tiny_model, job_id="slow", max_duration_hours=0.0001),  # 0.36 s
+        tiny_job(tiny_model, job_id="slow", max_duration_hours=0.0001),  # 0.36 s
         settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
     )
     assert result["status"] == "failed"
@@ -288,7 +243,7 @@ def test_time_limit_stops_with_checkpoint(tiny_model, tmp_path):
 
 def test_dry_run_trains_nothing(tiny_model, tmp_path):
     result = run_job(
-        small_job(tiny_model, job_id="dry", dry_run=True),
+        tiny_job(tiny_model, job_id="dry", dry_run=True),
         settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
     )
     assert result["status"] == "completed" and result["dry_run"] is True
@@ -301,7 +256,7 @@ def test_merge_writes_plain_weights_equal_to_base_plus_adapter(tiny_model, tmp_p
     from transformers import AutoModelForCausalLM
 
     result = run_job(
-        small_job(
+        tiny_job(
             tiny_model,
             job_id="merge",
             hyperparameters={"num_epochs": 1},
@@ -333,7 +288,7 @@ def test_merge_refusal_is_clear():
 
 def test_packed_mode_trains(tiny_model, tmp_path):
     result = run_job(
-        small_job(
+        tiny_job(
             tiny_model,
             job_id="packed",
             hyperparameters={"num_epochs": 1},
@@ -347,36 +302,12 @@ def test_packed_mode_trains(tiny_model, tmp_path):
     assert result["metrics"]["eval_loss_after"] < result["metrics"]["eval_loss_before"]
 
 
-class PutServer:
-    """Accepts PUTs under /ok/ (storing the body), refuses the rest with 403 like an expired URL."""
-
-    def __init__(self):
-        self.stored: dict[str, bytes] = {}
-        outer = self
-
-        class H(BaseHTTPRequestHandler):
-            def do_PUT(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.path.startswith("/ok/"):
-                    outer.stored[self.path.split("?")[0]] = body
-                    self.send_response(200)
-                else:
-                    self.send_response(403)
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-
 @pytest.fixture(scope="module")
 def put_server():
-    s = PutServer()
+    # accepts PUTs under /ok/, refuses the rest with 403 like an expired presigned URL
+    s = LoopbackServer(lambda method, path, headers, body: 200 if path.startswith("/ok/") else 403)
     yield s
-    s.server.shutdown()
+    s.close()
 
 
 def test_upload_to_a_presigned_url(tiny_model, tmp_path, put_server):
@@ -384,7 +315,7 @@ def test_upload_to_a_presigned_url(tiny_model, tmp_path, put_server):
 
     url = f"{put_server.base}/ok/adapter.tar.gz?X-Amz-Signature=abc123"
     result = run_job(
-        small_job(
+        tiny_job(
             tiny_model,
             job_id="up",
             hyperparameters={"num_epochs": 1},
@@ -394,7 +325,7 @@ def test_upload_to_a_presigned_url(tiny_model, tmp_path, put_server):
         settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
     )
     assert result["status"] == "completed" and result["uploads"]["presigned"]["ok"], result
-    body = put_server.stored["/ok/adapter.tar.gz"]
+    (body,) = [b for m, p, _, b in put_server.requests if p.startswith("/ok/adapter.tar.gz")]
     assert hashlib.sha256(body).hexdigest() == result["adapter"]["sha256"]
     assert "abc123" not in json.dumps(result)  # the URL's signature is not echoed into the output
 
@@ -402,7 +333,7 @@ def test_upload_to_a_presigned_url(tiny_model, tmp_path, put_server):
 def test_failed_upload_keeps_the_adapter_and_says_where(tiny_model, tmp_path, put_server):
     url = f"{put_server.base}/expired/adapter.tar.gz?X-Amz-Signature=abc123"
     result = run_job(
-        small_job(
+        tiny_job(
             tiny_model,
             job_id="up-fail",
             hyperparameters={"num_epochs": 1},

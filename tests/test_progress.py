@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import LoopbackServer
 
 from lora_worker.progress import CostMeter, Reporter, RunPodChannel
 
@@ -48,38 +47,20 @@ def test_progress_is_rate_limited_but_stages_always_go():
     assert r.events[-1]["percent"] == 29.0
 
 
-class StatusServer:
-    """Stands in for RunPod's job-done endpoint: the last body POSTed is what /status shows."""
-
-    def __init__(self):
-        self.bodies: list[dict] = []
-        outer = self
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                time.sleep(random.uniform(0, 0.03))  # a slow, jittery service
-                outer.bodies.append(body)
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/job-done"
-
-
 def test_no_late_progress_overwrites_the_final_result(monkeypatch):
     """The channel sends in order and is drained before the result is posted."""
     import requests
 
-    server = StatusServer()
+    def slow_status_service(method, path, headers, body):
+        time.sleep(random.uniform(0, 0.03))  # a slow, jittery service
+        return 200
+
+    server = LoopbackServer(slow_status_service)  # the last body POSTed is what /status shows
+    url = f"{server.base}/job-done"
     random.seed(0)
 
     def send(job, event):  # the same HTTP shape as the SDK's progress post
-        requests.post(server.url, json={"status": "IN_PROGRESS", "output": event}, timeout=5)
+        requests.post(url, json={"status": "IN_PROGRESS", "output": event}, timeout=5)
 
     ch = RunPodChannel({"id": "j"}, send=send)
     for i in range(50):
@@ -87,12 +68,13 @@ def test_no_late_progress_overwrites_the_final_result(monkeypatch):
     ch.send({"sequence": 50, "status": "completed"})
     assert ch.close(timeout_s=10)
     # now the SDK posts the job's result; nothing of ours can arrive after it
-    requests.post(server.url, json={"status": "COMPLETED", "output": {"final": True}}, timeout=5)
+    requests.post(url, json={"status": "COMPLETED", "output": {"final": True}}, timeout=5)
     time.sleep(0.1)
-    assert server.bodies[-1]["status"] == "COMPLETED"
-    seqs = [b["output"]["sequence"] for b in server.bodies[:-1]]
+    bodies = [json.loads(b) for _, _, _, b in server.requests]
+    assert bodies[-1]["status"] == "COMPLETED"
+    seqs = [b["output"]["sequence"] for b in bodies[:-1]]
     assert seqs == sorted(seqs) and seqs[-1] == 50  # superseded updates dropped, never reordered
-    server.server.shutdown()
+    server.close()
 
 
 def test_sdk_progress_update_alone_can_reorder(monkeypatch):

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SAMPLE
+from conftest import REPO, tiny_job
 
 from lora_worker.callbacks import COMPLETE_MARKER
 from lora_worker.pipeline import run_job
@@ -20,21 +20,13 @@ pytestmark = pytest.mark.e2e
 
 
 def job(tiny_model, job_id: str) -> dict:
-    return {
-        "job_id": job_id,
-        "dataset_path": str(SAMPLE),
-        "base_model": str(tiny_model),
-        "hyperparameters": {
-            "num_epochs": 2,
-            "learning_rate": 0.002,
-            "lora_dropout": 0.0,
-            "max_seq_length": 1024,
-            "batch_size": 4,
-            "gradient_accumulation_steps": 1,
-        },
-        "training": {"checkpoint_steps": 3, "eval_steps": 1000},
-        "evaluation": {"num_samples": 0},
-    }
+    return tiny_job(
+        tiny_model,
+        job_id=job_id,
+        hyperparameters={"gradient_accumulation_steps": 1},
+        training={"checkpoint_steps": 3, "eval_steps": 1000},
+        evaluation={"num_samples": 0},
+    )
 
 
 def losses(volume, job_id) -> dict[int, float]:
