@@ -47,8 +47,8 @@ def tiny_job(tiny_model: Path, **over) -> dict:
 class LoopbackServer:
     """A real HTTP server on 127.0.0.1 that records every request and answers with `respond`.
 
-    `respond(method, path, headers, body) -> int` gives the status code; requests are kept as
-    (method, path, lower-cased headers, body).
+    `respond(method, path, headers, body)` gives the status code, or (status, response body);
+    requests are kept as (method, path, lower-cased headers, body).
     """
 
     def __init__(self, respond=lambda method, path, headers, body: 200):
@@ -62,12 +62,15 @@ class LoopbackServer:
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                code = respond(self.command, self.path, headers, body)
+                answer = respond(self.command, self.path, headers, body)
+                code, payload = answer if isinstance(answer, tuple) else (answer, b"")
                 outer.requests.append((self.command, self.path, headers, body))
                 self.send_response(code)
+                self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
+                self.wfile.write(payload)
 
-            do_POST = do_PUT = _handle
+            do_GET = do_POST = do_PUT = _handle
 
             def log_message(self, *args):
                 pass

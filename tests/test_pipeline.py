@@ -349,3 +349,30 @@ def test_failed_upload_keeps_the_adapter_and_says_where(tiny_model, tmp_path, pu
     assert warning.startswith("upload to presigned failed") and result["lora_artifact_path"] in warning
     assert (Path(result["lora_artifact_path"]) / "adapter_model.safetensors").exists()
     assert Path(result["adapter"]["archive"]).exists()
+
+
+def test_dataset_from_a_url(tiny_model, tmp_path):
+    from conftest import SAMPLE
+
+    data = SAMPLE.read_bytes()
+    server = LoopbackServer(
+        lambda m, path, h, b: (200, data) if path.startswith("/exports/br.json?") else (404, b"no")
+    )
+    try:
+        job = tiny_job(tiny_model, job_id="url", dry_run=True)
+        del job["dataset_path"]
+        ok = run_job(
+            {**job, "dataset_url": f"{server.base}/exports/br.json?token=abc"},
+            settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
+        )
+        assert ok["status"] == "completed" and ok["dataset"]["pairs"] == 156
+        assert (tmp_path / "jobs" / "url" / "dataset" / "br.json").read_bytes() == data
+        missing = run_job(
+            {**job, "job_id": "url2", "dataset_url": f"{server.base}/gone.json?token=abc"},
+            settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
+        )
+        assert missing["status"] == "failed"
+        assert missing["error"].startswith("dataset_url: download failed: HTTPError: 404")
+        assert "token=abc" not in missing["error"]
+    finally:
+        server.close()

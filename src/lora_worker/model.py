@@ -134,14 +134,15 @@ def count_params(model) -> tuple[int, int]:
     return trainable, total
 
 
-def release(*objs) -> None:
-    """Drop references and return GPU memory before the worker takes its next job."""
+def free_memory() -> None:
+    """Collect what the caller has let go of and hand cached GPU memory back to the driver.
+
+    Callers drop their own references first (a reference held here would keep the model alive).
+    """
     import gc
 
     import torch
 
-    for o in objs:
-        del o
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -206,5 +207,6 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    release(base, merged)
+    del base, merged
+    free_memory()
     return out_dir

@@ -615,11 +615,11 @@ class Job:
         return result
 
     def release(self) -> None:
-        from lora_worker.model import release
+        """Let go of the model so the next job on this worker starts with a free GPU."""
+        from lora_worker.model import free_memory
 
-        model, self.model = self.model, None
-        if model is not None:
-            release(model)
+        self.model = None
+        free_memory()
 
 
 # How long the end of a job may wait for webhook/progress receivers (seconds): a receiver that never
