@@ -265,6 +265,7 @@ class Job:
                 "device": self.device,
                 "gpu": self.gpu_name,
             },
+            timings_s={k: v for k, v in self.timings.items() if k.startswith("model_")},
         )
 
     def load_quantized(self, model_path: Path):
