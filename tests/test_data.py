@@ -12,7 +12,9 @@ from conftest import REPO, SAMPLE
 
 from lora_worker.data import (
     IGNORE_INDEX,
+    Conversation,
     DatasetError,
+    Message,
     build_examples,
     collate,
     load_conversations,
@@ -349,3 +351,15 @@ def test_packed_row_isolates_examples(nf4_model, tokenizer):
     plan = plan_packed([500, 300, 200, 900, 100], token_budget=1000)
     assert sorted(i for b in plan for i in b) == [0, 1, 2, 3, 4]
     assert all(sum([500, 300, 200, 900, 100][i] for i in b) <= 1000 for b in plan) and len(plan) == 2
+
+
+def test_cut_first_turn_without_system_keeps_bos(tokenizer):
+    convo = Conversation(
+        "c", (Message("user", "word " * 300), Message("assistant", "short answer", train=True))
+    )
+    (ex,), stats = build_examples(tokenizer, [convo], 64)
+    assert stats.truncated == 1 and len(ex.input_ids) <= 64
+    assert ex.input_ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode([t for t, y in zip(ex.input_ids, ex.labels, strict=True) if y != -100]) == (
+        "short answer<|eot_id|>"
+    )

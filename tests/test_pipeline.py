@@ -174,29 +174,50 @@ def test_bad_dataset_fails_before_loading_the_model(tiny_model, tmp_path):
     assert "model_load" not in result["timings_s"]
 
 
-def test_oom_halves_the_micro_batch_and_completes(tiny_model, tmp_path):
-    # The first plan's micro-batches hold up to 4 x 1024 tokens; refuse anything above 2,100 tokens.
-    result = run_job(
-        tiny_job(tiny_model, job_id="oom", hyperparameters={"num_epochs": 1}),
-        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
-        hooks=Hooks(inject_oom_above_tokens=2100),
+def _losses(result) -> dict[int, float]:
+    report = json.loads(Path(result["report"]["json"]).read_text())
+    return {r["step"]: r["loss"] for r in report["history"]["train"]}
+
+
+def test_oom_splits_micro_batches_and_trains_the_same_steps(tiny_model, tmp_path):
+    """After an OOM each optimizer step still sees the same examples: same steps, same loss curve."""
+    settings = Settings.from_env({"VOLUME_DIR": str(tmp_path)})
+    job = tiny_job(
+        tiny_model,
+        hyperparameters={"num_epochs": 1},
+        training={"checkpoint_steps": 100},
+        evaluation={"num_samples": 0},
     )
+    reference = run_job({**job, "job_id": "no-oom"}, settings=settings)
+    # micro-batches hold up to 4 x 1024 tokens; refuse anything above 2,100 (the first one over it OOMs)
+    result = run_job({**job, "job_id": "oom"}, settings=settings, hooks=Hooks(inject_oom_above_tokens=2100))
     assert result["status"] == "completed", result
     (rec,) = result["recoveries"]
-    assert rec["event"] == "out_of_memory" and rec["micro_batch_tokens"] == 4096
-    assert result["metrics"]["eval_loss_after"] < result["metrics"]["eval_loss_before"]
+    assert rec["event"] == "out_of_memory" and rec["max_rows"] == 4 and rec["micro_batch_tokens"] > 2100
+    assert result["metrics"]["steps"] == reference["metrics"]["steps"]
+    ref, got = _losses(reference), _losses(result)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=1e-2), step
+    assert result["metrics"]["eval_loss_after"] == pytest.approx(
+        reference["metrics"]["eval_loss_after"], abs=1e-2
+    )
 
 
 def test_oom_at_the_smallest_budget_fails_clearly(tiny_model, tmp_path):
+    import re
+
     result = run_job(
         tiny_job(tiny_model, job_id="oom2", hyperparameters={"num_epochs": 1}),
         settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
         hooks=Hooks(inject_oom_above_tokens=16),
     )
     assert result["status"] == "failed"
-    assert (
-        "out of memory even with one sequence per micro-batch; tried 4096 tokens x 4 rows" in result["error"]
-    )
+    assert re.search(
+        r"out of memory even with one sequence per micro-batch; "
+        r"tried \d+ tokens x 4 rows, \d+ tokens x 2 rows, \d+ tokens x 1 rows\. Lower",
+        result["error"],
+    ), result["error"]
 
 
 class CancelAt:
@@ -376,3 +397,60 @@ def test_dataset_from_a_url(tiny_model, tmp_path):
         assert "token=abc" not in missing["error"]
     finally:
         server.close()
+
+
+def test_cancel_before_training_stops_at_the_next_stage(tiny_model, tmp_path):
+    cancel = threading.Event()
+    cancel.set()
+    result = run_job(
+        tiny_job(tiny_model, job_id="early"),
+        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
+        cancel=cancel,
+    )
+    assert result["status"] == "cancelled"
+    assert result["message"] == "cancelled during preprocessing, before any checkpoint"
+    assert "model_load_quantize" not in result["timings_s"]
+
+
+def test_a_cancel_on_the_last_step_does_not_undo_a_finished_job():
+    from types import SimpleNamespace
+
+    from lora_worker.callbacks import StopCallback
+
+    cancel = threading.Event()
+    cancel.set()
+    stop = StopCallback(cancel, max_seconds=1.0, max_cost_usd=None, hourly_usd=0.0, elapsed=lambda: 10.0)
+    control = SimpleNamespace(should_save=False, should_training_stop=False)
+    stop.on_step_end(None, SimpleNamespace(global_step=24, max_steps=24), control)
+    assert stop.reason is None and not control.should_training_stop
+    stop.on_step_end(None, SimpleNamespace(global_step=23, max_steps=24), control)
+    assert stop.reason == "cancelled" and control.should_training_stop and control.should_save
+
+
+def test_resubmitting_a_job_id(tiny_model, tmp_path):
+    settings = Settings.from_env({"VOLUME_DIR": str(tmp_path)})
+    job = tiny_job(
+        tiny_model, job_id="again", hyperparameters={"num_epochs": 1}, evaluation={"num_samples": 0}
+    )
+    first = run_job(job, settings=settings)
+    assert first["status"] == "completed"
+    # the same job again (RunPod may deliver it twice): the stored result, nothing retrained
+    assert run_job(job, settings=settings) == first
+    # a different job under the same id: refused before any model is loaded, naming what changed
+    changed = run_job({**job, "hyperparameters": {**job["hyperparameters"], "lora_r": 8}}, settings=settings)
+    assert changed["status"] == "failed"
+    assert (
+        "already has checkpoints from a different job (changed: hyperparameters.lora_r)" in changed["error"]
+    )
+    assert "model_load_quantize" not in changed["timings_s"]
+
+
+def test_unusable_webhook_secret_is_a_clear_error(tiny_model, tmp_path):
+    result = run_job(
+        tiny_job(tiny_model, job_id="badsecret", webhook_url="https://dash.example.com/hook"),
+        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path), "WEBHOOK_SECRET": "whsec_not*base64!"}),
+    )
+    assert result["status"] == "failed" and result["error"].startswith(
+        "invalid job input:\n  - WEBHOOK_SECRET:"
+    )
+    assert "not*base64" not in result["error"]

@@ -67,7 +67,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model, tmp_path):
     assert resumed["resumed_from_step"] == saved
     assert resumed["metrics"]["steps"] == reference["metrics"]["steps"]
     ref, after = losses(tmp_path, "ref"), losses(tmp_path, "killed")
-    assert min(after) == saved + 1  # it went on from the checkpoint, not from step 0
+    # the curve up to the checkpoint comes from the checkpoint; after it, from the resumed run
+    assert sorted(after) == sorted(ref)
     for step, loss in after.items():
         assert loss == pytest.approx(ref[step], abs=2e-3), step
     assert resumed["metrics"]["eval_loss_after"] == pytest.approx(

@@ -57,10 +57,8 @@ class CheckpointCallback(TrainerCallback):
     a folder without the marker, which resume ignores and removes, so the previous one is used.
     """
 
-    def __init__(
-        self, folder: Path, *, minutes: float, keep: int = 2, on_saved: Callable[[int], None] | None = None
-    ):
-        self.folder, self.seconds, self.keep, self.on_saved = folder, minutes * 60.0, keep, on_saved
+    def __init__(self, folder: Path, *, minutes: float, keep: int = 2):
+        self.folder, self.seconds, self.keep = folder, minutes * 60.0, keep
         self._last = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -77,8 +75,6 @@ class CheckpointCallback(TrainerCallback):
                 os.fsync(f.fileno())
             for old in complete_checkpoints(self.folder)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
-            if self.on_saved:
-                self.on_saved(state.global_step)
         self._last = time.monotonic()
 
 
@@ -114,6 +110,8 @@ class StopCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self._last_step_s = time.monotonic() - self._step_started
         next_end = self.elapsed() + 1.5 * self._last_step_s
+        if state.global_step >= state.max_steps:
+            return  # the job is done: a limit or cancel now has nothing left to stop
         if self.cancel.is_set():
             self.reason = "cancelled"
         elif next_end >= self.max_seconds:
@@ -122,7 +120,7 @@ class StopCallback(TrainerCallback):
             )
         elif self.max_cost is not None and next_end / 3600 * self.hourly >= self.max_cost:
             self.reason = f"cost limit: max_cost_usd={self.max_cost:g} would be passed by the next step"
-        if self.reason and state.global_step < state.max_steps:
+        if self.reason:
             control.should_save = True
             control.should_training_stop = True
 
@@ -130,12 +128,31 @@ class StopCallback(TrainerCallback):
 # ----------------------------------------------------------------------------- progress
 
 
-class ProgressCallback(TrainerCallback):
-    """Turns Trainer logs into progress events: step, loss, LR, grad norm, eval loss, tokens, ETA."""
+def history_from_log(log_history: list[dict]) -> dict[str, list[dict]]:
+    """Loss curves from the Trainer's log history (which checkpoints carry across a resume)."""
+    train = [
+        {
+            "step": r["step"],
+            "loss": float(r["loss"]),
+            "learning_rate": float(r.get("learning_rate", 0.0)),
+            "grad_norm": float(r["grad_norm"]) if r.get("grad_norm") is not None else None,
+        }
+        for r in log_history
+        if "loss" in r and "step" in r
+    ]
+    evals = [{"step": r["step"], "eval_loss": float(r["eval_loss"])} for r in log_history if "eval_loss" in r]
+    return {"train": train, "eval": evals}
 
-    def __init__(self, report: Callable[..., object], *, tokens_per_epoch: int):
-        self.report, self.tokens_per_epoch = report, tokens_per_epoch
-        self.history: dict[str, list[dict]] = {"train": [], "eval": []}
+
+class ProgressCallback(TrainerCallback):
+    """Turns Trainer logs into progress events: step, loss, LR, grad norm, eval loss, tokens, ETA.
+
+    The Trainer runs one pass over a schedule that holds every epoch (see trainer.py), so its
+    `state.epoch` in [0, 1] is scaled by the job's number of epochs.
+    """
+
+    def __init__(self, report: Callable[..., object], *, tokens_per_epoch: int, num_epochs: int):
+        self.report, self.tokens_per_epoch, self.num_epochs = report, tokens_per_epoch, num_epochs
         self._t0: float | None = None
         self._start_step = 0
 
@@ -143,50 +160,37 @@ class ProgressCallback(TrainerCallback):
         self._t0, self._start_step = time.monotonic(), state.global_step
 
     def record_eval(self, state, loss: float) -> None:
-        self.history["eval"].append({"step": state.global_step, "eval_loss": float(loss)})
-        self.report(
-            step=state.global_step,
-            total_steps=state.max_steps,
-            epoch=round(state.epoch or 0.0, 4),
-            metrics=self._metrics(),
-            force=True,
-        )
-
-    def _metrics(self) -> dict:
-        last = self.history["train"][-1] if self.history["train"] else {}
-        metrics = {k: last.get(k) for k in ("loss", "learning_rate", "grad_norm")}
-        if self.history["eval"]:
-            metrics["eval_loss"] = self.history["eval"][-1]["eval_loss"]
-        return metrics
+        # Into the Trainer's log history, so the eval curve is checkpointed with the train curve.
+        state.log_history.append({"step": state.global_step, "eval_loss": float(loss)})
+        self._send(state, force=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
+        self._send(state)
+
+    def _send(self, state, force: bool = False) -> None:
+        history = history_from_log(state.log_history)
+        last = history["train"][-1] if history["train"] else {}
+        metrics = {k: last.get(k) for k in ("loss", "learning_rate", "grad_norm")}
+        if history["eval"]:
+            metrics["eval_loss"] = history["eval"][-1]["eval_loss"]
         step = state.global_step
-        if "loss" in logs:
-            self.history["train"].append(
-                {
-                    "step": step,
-                    "loss": float(logs["loss"]),
-                    "learning_rate": float(logs.get("learning_rate", 0.0)),
-                    "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
-                }
-            )
-        metrics = self._metrics()
         done = step - self._start_step
         rate = (time.monotonic() - self._t0) / done if done > 0 and self._t0 else None
         eta = rate * (state.max_steps - step) if rate else None
+        epoch = (state.epoch or 0.0) * self.num_epochs
         self.report(
             step=step,
             total_steps=state.max_steps,
-            epoch=round(state.epoch or 0.0, 4),
+            epoch=round(epoch, 4),
             metrics=metrics,
-            tokens_seen=int((state.epoch or 0.0) * self.tokens_per_epoch),
+            tokens_seen=int(epoch * self.tokens_per_epoch),
             eta_seconds=round(eta, 1) if eta is not None else None,
+            force=force,
         )
 
 
-class InjectOOM(TrainerCallback):
-    """Test hook: raise CUDA's out-of-memory error for micro-batches above a token count.
+class InjectOOM:
+    """Test hook (a forward pre-hook): raise CUDA's out-of-memory error above a token count.
 
     Lets the CPU suite exercise the OOM recovery path; never installed in a real job.
     """
@@ -209,9 +213,7 @@ class InjectOOM(TrainerCallback):
 class EvalCallback(TrainerCallback):
     """Held-out loss every `every_steps` optimizer steps, computed exactly as before and after training."""
 
-    def __init__(
-        self, evaluate: Callable[[], float | None], every_steps: int, record: Callable[[int, float], None]
-    ):
+    def __init__(self, evaluate: Callable[[], float | None], every_steps: int, record: Callable[..., None]):
         self.evaluate, self.every, self.record = evaluate, every_steps, record
 
     def on_step_end(self, args, state, control, **kwargs):

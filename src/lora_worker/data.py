@@ -409,12 +409,15 @@ def build_examples(
             user = a - 1 if a - 1 >= first else a
             if chunk_len(user, a) > max_seq_length:
                 target = ids[body_start[a] : starts[a + 1]]
-                head = prefix(user)
+                # Keep <bos> (+ system) even when the cut context is the conversation's first message,
+                # whose own tokens begin with the <bos> that the left cut would remove.
+                head = prefix(user) or bos
+                begin = starts[user] + (len(bos) if user == 0 and not first else 0)
                 room = max_seq_length - len(head) - len(target)
                 if room < 1:
                     stats.dropped_targets += 1
                 else:
-                    context = ids[starts[user] : body_start[a]][-room:]
+                    context = ids[begin : body_start[a]][-room:]
                     x = head + context + target
                     y = [IGNORE_INDEX] * (len(head) + len(context)) + target
                     out.append(Example(convo.id, tuple(x), tuple(y)))

@@ -10,22 +10,11 @@ The choices that cost or save memory are explicit arguments (each measured in BE
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    device: str
-    gpu_name: str
-    liger: bool
-    quantized_on_load: bool  # False when loaded from a saved NF4 copy
-    trainable_params: int
-    total_params: int
 
 
 def device_info() -> tuple[str, str]:

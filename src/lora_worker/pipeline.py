@@ -64,6 +64,18 @@ def run_job(
                     "set WEBHOOK_SECRET in the endpoint's environment or leave webhook_url out"
                 ]
             )
+        if spec.webhook_url:
+            from lora_worker.webhooks import secret_key
+
+            try:
+                secret_key(settings.webhook_secret or "")
+            except ValueError:
+                raise JobInputError(
+                    [
+                        "WEBHOOK_SECRET: the worker's secret is not usable (a whsec_ secret must be 'whsec_' "
+                        "followed by base64); fix it in the endpoint's environment"
+                    ]
+                ) from None
     except JobInputError as err:
         return {"error": str(err), "status": "failed", "error_message": str(err)}
     return Job(spec, settings, runpod_job, cancel, hooks).run()
@@ -101,11 +113,16 @@ class Job:
         self.reporter.stage("queued")
         try:
             data, tokenizer, model_path = self.prepare()
+            previous = self.previous_result()
+            if previous is not None:
+                return self.replay(previous)
             if spec.dry_run:
                 return self.finish(
                     "completed", {"dry_run": True, "dataset": data.summary.as_dict(), "plan": self.plan}
                 )
+            self.stop_if_cancelled()
             self.load_model(model_path)
+            self.stop_if_cancelled()
             before = self.evaluate_baseline(data)
             outcome, history = self.train(data, tokenizer)
             if outcome.stopped_reason == "cancelled":
@@ -117,14 +134,23 @@ class Job:
                 )
             after, samples = self.evaluate(data, tokenizer)
             adapter = self.save_adapter(tokenizer)
+            self.stop_if_cancelled()
             merged = self.merge(adapter)
             report = self.build_report(data, before, after, samples, outcome, history, adapter)
+            self.stop_if_cancelled()
             uploads = self.upload(adapter)
             return self.finish("completed", self.output(report, adapter, uploads, outcome, merged))
         except JobCancelled:
-            return self.finish(
-                "cancelled", {"message": "cancelled; checkpoint saved, resubmit the job_id to resume"}
+            from lora_worker.trainer import latest_checkpoint
+
+            ckpt = latest_checkpoint(self.dir / "checkpoints")
+            where = f"cancelled during {self.reporter.status}"
+            message = (
+                f"{where}; checkpoint at step {ckpt.name.split('-')[-1]} kept, resubmit the job_id to resume"
+                if ckpt
+                else f"{where}, before any checkpoint"
             )
+            return self.finish("cancelled", {"message": message})
         except Exception as err:  # every failure ends as a readable `failed`, never a bare traceback
             log.error("job %s failed:\n%s", spec.job_id, traceback.format_exc())
             return self.finish("failed", {"error": _describe(err)})
@@ -132,6 +158,65 @@ class Job:
             self.release()
 
     # -------------------------------------------------------------------------------- steps
+
+    def stop_if_cancelled(self) -> None:
+        """Between stages: a /cancel that came outside training stops here (training checks each step)."""
+        if self.cancel.is_set():
+            raise JobCancelled()
+
+    def fingerprint(self, dataset_path: Path) -> dict:
+        """What decides the trained weights: a checkpoint only resumes a job with the same values."""
+        from lora_worker.artifacts import sha256_file
+
+        spec = self.spec
+        training = spec.training.model_dump(
+            exclude={"checkpoint_steps", "checkpoint_minutes", "logging_steps"}
+        )
+        return {
+            "base_model": spec.base_model,
+            "base_model_revision": spec.base_model_revision,
+            "dataset_sha256": sha256_file(dataset_path),
+            "dataset_format": spec.dataset_format,
+            "hyperparameters": spec.hyperparameters.model_dump(),
+            "training": training,
+            "evaluation": spec.evaluation.model_dump(include={"eval_fraction", "max_eval_conversations"}),
+        }
+
+    def check_resumable(self, fingerprint: dict) -> None:
+        """A job folder from an earlier run must hold the same job, or nothing is reused from it."""
+        from lora_worker.trainer import latest_checkpoint
+
+        stored_file = self.dir / "job_fingerprint.json"
+        if stored_file.exists() and latest_checkpoint(self.dir / "checkpoints") is not None:
+            stored = json.loads(stored_file.read_text())
+            changed = sorted(
+                k
+                for k in _flatten(fingerprint).keys() | _flatten(stored).keys()
+                if _flatten(fingerprint).get(k) != _flatten(stored).get(k)
+            )
+            if changed:
+                raise JobFailed(
+                    f"job_id {self.spec.job_id!r} already has checkpoints from a different job "
+                    f"(changed: {', '.join(changed)}); resubmit with the original input to resume it, "
+                    "or use a new job_id"
+                )
+        _atomic_json(stored_file, fingerprint)
+
+    def previous_result(self) -> dict | None:
+        """The stored result of this same job if it already completed (RunPod may deliver a job twice)."""
+        f = self.dir / "result.json"
+        if not f.exists():
+            return None
+        previous = json.loads(f.read_text())
+        return previous if previous.get("status") == "completed" and not previous.get("dry_run") else None
+
+    def replay(self, previous: dict) -> dict:
+        log.info("job %s already completed; returning its stored result", self.spec.job_id)
+        self.reporter.stage(
+            "completed", output=previous, lora_artifact_path=previous.get("lora_artifact_path")
+        )
+        self.reporter.close(timeout_s=WEBHOOK_DRAIN_S)
+        return previous
 
     def prepare(self):
         from transformers import AutoTokenizer
@@ -142,6 +227,7 @@ class Job:
         self.reporter.stage("preprocessing")
         t = time.monotonic()
         dataset_path = self.fetch_dataset()
+        self.check_resumable(self.fingerprint(dataset_path))
         model_path = self.resolve_model()
         self.check_gpu_memory(model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -215,16 +301,17 @@ class Job:
 
     def estimate(self, data) -> dict:
         """Steps, and (on a GPU) rough time and cost from the measured 70B rate in BENCHMARKS.md."""
-        from lora_worker.trainer import plan_batches
+        from lora_worker.trainer import plan_batches, steps_per_epoch
 
         hp = self.spec.hyperparameters
         plan = plan_batches(data.train, self.train_config())
-        steps_per_epoch = max(1, len(plan) // hp.gradient_accumulation_steps)
+        per_epoch = steps_per_epoch(len(plan), hp.gradient_accumulation_steps)
         tokens = data.summary.tokens_total * hp.num_epochs
         est = {
             "micro_batches_per_epoch": len(plan),
-            "steps_per_epoch": steps_per_epoch,
-            "total_steps": steps_per_epoch * hp.num_epochs,
+            "steps_per_epoch": per_epoch,
+            # one schedule of all epochs: a step may straddle two epochs, so ceil over the whole
+            "total_steps": steps_per_epoch(len(plan) * hp.num_epochs, hp.gradient_accumulation_steps),
             "tokens_to_train": tokens,
         }
         if self.device == "cuda":
@@ -335,7 +422,13 @@ class Job:
         return self.before
 
     def train(self, data, tokenizer):
-        from lora_worker.callbacks import CheckpointCallback, EvalCallback, ProgressCallback, StopCallback
+        from lora_worker.callbacks import (
+            CheckpointCallback,
+            EvalCallback,
+            ProgressCallback,
+            StopCallback,
+            history_from_log,
+        )
         from lora_worker.trainer import latest_checkpoint, train
 
         spec = self.spec
@@ -348,7 +441,11 @@ class Job:
             resumed_from_step=int(resume.name.split("-")[-1]) if resume else None,
             metrics={"eval_loss_before": self.before},
         )
-        progress = ProgressCallback(self.reporter.progress, tokens_per_epoch=tokens_per_epoch)
+        progress = ProgressCallback(
+            self.reporter.progress,
+            tokens_per_epoch=tokens_per_epoch,
+            num_epochs=spec.hyperparameters.num_epochs,
+        )
         stop = StopCallback(
             self.cancel,
             max_seconds=spec.max_duration_hours * 3600,
@@ -368,8 +465,7 @@ class Job:
             torch.cuda.reset_peak_memory_stats()
         outcome = train(self.model, data.train, self.pad_id, cfg, callbacks, stop)
         self.timings["train"] = round(time.monotonic() - t, 2)
-        self.outcome = outcome
-        return outcome, progress.history
+        return outcome, history_from_log(outcome.log_history)
 
     def train_config(self):
         """The trainer's plain values, from the spec (one place, for the estimate and the run)."""
@@ -472,6 +568,7 @@ class Job:
 
             peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         tokens_trained = int(outcome.epoch * data.summary.tokens_total)
+        tokens_this_run = int(outcome.epochs_this_run * data.summary.tokens_total)  # rate: this process only
         report = {
             "job_id": spec.job_id,
             "status": "completed",
@@ -498,7 +595,7 @@ class Job:
                 "steps": outcome.global_step,
                 "epochs": round(outcome.epoch, 4),
                 "tokens_trained": tokens_trained,
-                "tokens_per_second": round(tokens_trained / outcome.train_seconds, 1)
+                "tokens_per_second": round(tokens_this_run / outcome.train_seconds, 1)
                 if outcome.train_seconds
                 else None,
                 "peak_gpu_memory_gib": peak,
@@ -659,6 +756,16 @@ def _describe(err: BaseException) -> str:
     if prefix is not None:
         return f"{prefix}{err}"
     return f"{name}: {err}"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _strip_query(text: str) -> str:

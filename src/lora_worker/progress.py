@@ -130,6 +130,7 @@ class Reporter:
     def stage(self, status: str, **fields: Any) -> dict:
         assert status in STAGES, status
         self.status = status
+        self.last["eta_seconds"] = None  # a training ETA says nothing about the next stage
         kind = "final" if status in FINAL_STAGES else "stage"
         return self._emit(kind, fields)
 

@@ -1,9 +1,11 @@
 """Training on the stock Transformers Trainer, fed whole micro-batches, with OOM recovery.
 
-The Trainer sees a dataset whose items are ready micro-batches (planned by
-`data.plan_micro_batches` or `data.plan_packed` within a token budget), so `per_device_train_batch_size` is 1 and the
-collator unwraps. Loss is averaged over the trained tokens of all micro-batches in an optimizer
-step (the Trainer passes `num_items_in_batch`), so long and short examples weigh per token.
+The Trainer sees a dataset whose items are ready micro-batches, in the order they will be
+trained: every epoch's micro-batches (planned by `data.plan_micro_batches` or `data.plan_packed`
+within a token budget) shuffled with the job's seed, one epoch after another, read sequentially.
+So `per_device_train_batch_size` is 1, the collator unwraps, and a checkpoint's step number alone
+fixes the data position. Loss is averaged over the trained tokens of all micro-batches in an
+optimizer step (the Trainer passes `num_items_in_batch`), so long and short examples weigh per token.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,15 +25,44 @@ log = logging.getLogger(__name__)
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    def __init__(self, examples: Sequence[Example], plan: list[list[int]], pad_id: int, packed: bool = False):
-        self.examples, self.plan, self.pad_id, self.packed = examples, plan, pad_id, packed
+    def __init__(
+        self, examples: Sequence[Example], schedule: list[list[int]], pad_id: int, packed: bool = False
+    ):
+        self.examples, self.schedule, self.pad_id, self.packed = examples, schedule, pad_id, packed
 
     def __len__(self) -> int:
-        return len(self.plan)
+        return len(self.schedule)
 
     def __getitem__(self, i: int) -> dict:
-        batch = [self.examples[j] for j in self.plan[i]]
+        batch = [self.examples[j] for j in self.schedule[i]]
+        if not batch:  # the empty half of a one-row micro-batch split after an OOM: nothing to learn
+            return {"input_ids": torch.full((1, 8), self.pad_id), "labels": torch.full((1, 8), -100)}
         return collate_packed(batch) if self.packed else collate(batch, self.pad_id)
+
+
+def make_schedule(plan: list[list[int]], epochs: int, seed: int) -> list[list[int]]:
+    """Every epoch's micro-batches in a seeded order, one epoch after another."""
+    import random
+
+    out: list[list[int]] = []
+    for epoch in range(epochs):
+        order = list(range(len(plan)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out += [plan[i] for i in order]
+    return out
+
+
+def split_schedule(schedule: list[list[int]]) -> list[list[int]]:
+    """Each micro-batch becomes two consecutive halves (a one-row micro-batch and an empty one).
+
+    With gradient accumulation doubled, every optimizer step then sees exactly the same examples
+    in the same order as before, and step N still starts at the same place in the data.
+    """
+    out: list[list[int]] = []
+    for b in schedule:
+        half = (len(b) + 1) // 2
+        out += [b[:half], b[half:]]
+    return out
 
 
 def plan_batches(examples: Sequence[Example], cfg: TrainConfig) -> list[list[int]]:
@@ -79,6 +110,8 @@ class TrainOutcome:
     gradient_accumulation_steps: int = 0
     stopped_reason: str | None = None
     padding_fraction: float = 0.0
+    epochs_this_run: float = 0.0  # epochs trained by this process (less than `epoch` after a resume)
+    log_history: list[dict] = field(default_factory=list)  # the Trainer's, carried across resumes
 
 
 def resolve_optimizer(name: str, device: str) -> str:
@@ -88,14 +121,26 @@ def resolve_optimizer(name: str, device: str) -> str:
     return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
 
 
-def build_trainer(model, examples: Sequence[Example], pad_id: int, cfg: TrainConfig, callbacks: list):
+def build_trainer(
+    model,
+    examples: Sequence[Example],
+    pad_id: int,
+    cfg: TrainConfig,
+    callbacks: list,
+    schedule: list[list[int]] | None = None,
+):
+    """A stock Trainer over the job's micro-batch schedule; returns (trainer, schedule)."""
+    import dataclasses
+
     from transformers import Trainer, TrainingArguments
 
-    batches = plan_batches(examples, cfg)
+    if schedule is None:
+        schedule = make_schedule(plan_batches(examples, cfg), cfg.num_epochs, cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    sequential_arg = "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}
     args = TrainingArguments(
         output_dir=str(cfg.output_dir),
-        num_train_epochs=cfg.num_epochs,
+        num_train_epochs=1,  # one pass over the schedule, which holds every epoch
         per_device_train_batch_size=1,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
@@ -119,6 +164,7 @@ def build_trainer(model, examples: Sequence[Example], pad_id: int, cfg: TrainCon
         use_cpu=device == "cpu",
         disable_tqdm=True,
         save_only_model=False,
+        **({"train_sampling_strategy": "sequential"} if sequential_arg else {}),
     )
     if "tensorboard" in cfg.report_to:
         # An explicit writer: Transformers 5 otherwise logs under output_dir (the checkpoints folder).
@@ -126,14 +172,31 @@ def build_trainer(model, examples: Sequence[Example], pad_id: int, cfg: TrainCon
         from transformers.integrations import TensorBoardCallback
 
         callbacks = [*callbacks, TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(cfg.logging_dir)))]
+    dataset = MicroBatches(examples, schedule, pad_id, packed=cfg.packing == "packed")
     trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=MicroBatches(examples, batches, pad_id, packed=cfg.packing == "packed"),
-        data_collator=_unwrap,
-        callbacks=callbacks,
+        model=model, args=args, train_dataset=dataset, data_collator=_unwrap, callbacks=callbacks
     )
-    return trainer, batches
+    if not sequential_arg:
+        # Transformers before the `train_sampling_strategy` argument: the schedule is already ordered.
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(dataset)
+    return trainer, schedule
+
+
+def steps_per_epoch(micro_batches: int, accumulation: int) -> int:
+    return max(1, math.ceil(micro_batches / accumulation))
+
+
+def largest_micro_batch(
+    examples: Sequence[Example], schedule: list[list[int]], packed: bool
+) -> tuple[int, int]:
+    """(tokens, rows) of the biggest micro-batch in a schedule."""
+    tokens = rows = 0
+    for b in schedule:
+        if b:
+            lengths = [len(examples[i].input_ids) for i in b]
+            tokens = max(tokens, sum(lengths) if packed else len(b) * max(lengths))
+            rows = max(rows, len(b))
+    return tokens, rows
 
 
 def padding_fraction(examples: Sequence[Example], plan: list[list[int]], packed: bool = False) -> float:
@@ -155,40 +218,42 @@ def train(
 ) -> TrainOutcome:
     """Train to the end (or a stop), resuming from the job's last complete checkpoint.
 
-    On CUDA out-of-memory: save what the last optimizer step produced, halve the micro-batch token
-    budget and rows, double gradient accumulation (same effective batch), and go on from there.
-    When a single sequence per micro-batch still does not fit, fail and say what was tried.
+    On CUDA out-of-memory: checkpoint the last finished optimizer step, split every micro-batch in
+    two and double gradient accumulation, so each optimizer step still sees the same examples in
+    the same order (same effective batch, same number of steps, same LR schedule), and go on from
+    that step. When every micro-batch is already a single sequence, fail and say what was tried.
     """
     import time
 
+    packed = cfg.packing == "packed"
     resume = latest_checkpoint(cfg.output_dir)
     resumed_from = int(resume.name.split("-")[-1]) if resume else None
     recoveries: list[dict] = []
+    schedule = None
     t0 = time.monotonic()
     while True:
-        trainer, plan = build_trainer(model, examples, pad_id, cfg, callbacks)
+        trainer, schedule = build_trainer(model, examples, pad_id, cfg, callbacks, schedule)
         try:
             out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             break
         except torch.OutOfMemoryError as err:
             step = trainer.state.global_step
-            rows = max(len(b) for b in plan)
+            tokens, rows = largest_micro_batch(examples, schedule, packed)
             recoveries.append(
                 {
                     "event": "out_of_memory",
                     "step": step,
-                    "micro_batch_tokens": cfg.micro_batch_tokens,
+                    "micro_batch_tokens": tokens,
                     "max_rows": rows,
                     "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                 }
             )
-            log.warning(
-                "out of memory at step %d with %d-token micro-batches: %s", step, cfg.micro_batch_tokens, err
-            )
+            log.warning("out of memory at step %d with micro-batches up to %d tokens: %s", step, tokens, err)
             model.zero_grad(set_to_none=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if step > 0 and (resume is None or not resume.name.endswith(f"-{step}")):
+            done = Path(cfg.output_dir) / f"checkpoint-{step}" / COMPLETE_MARKER
+            if step > 0 and not done.exists():
                 try:  # keep every finished optimizer step: resume from exactly here
                     save_checkpoint_now(trainer)
                 except Exception as save_err:
@@ -207,33 +272,33 @@ def train(
                     "Lower hyperparameters.max_seq_length or lora_r, or use a GPU with more memory."
                 ) from None
             resume = latest_checkpoint(cfg.output_dir)
-            cfg = _halve(cfg, rows)
+            schedule = split_schedule(schedule)
+            cfg = replace(cfg, gradient_accumulation_steps=cfg.gradient_accumulation_steps * 2)
+    state = trainer.state
+    epoch = float(state.epoch or 0.0) * cfg.num_epochs  # the schedule is one Trainer epoch holding them all
+    resumed_epoch = (resumed_from or 0) / max(1, state.max_steps) * cfg.num_epochs
     outcome = TrainOutcome(
-        global_step=trainer.state.global_step,
-        max_steps=trainer.state.max_steps,
-        epoch=float(trainer.state.epoch or 0.0),
+        global_step=state.global_step,
+        max_steps=state.max_steps,
+        epoch=epoch,
+        epochs_this_run=max(0.0, epoch - resumed_epoch),
         train_loss=_last_train_loss(trainer),
         train_seconds=round(time.monotonic() - t0, 2),
         resumed_from_step=resumed_from,
         recoveries=recoveries,
-        micro_batch_tokens=cfg.micro_batch_tokens,
+        micro_batch_tokens=largest_micro_batch(examples, schedule, packed)[0],
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         stopped_reason=stop_cb.reason,
-        padding_fraction=padding_fraction(examples, plan, packed=cfg.packing == "packed"),
+        padding_fraction=padding_fraction(examples, [b for b in schedule if b], packed=packed),
+        log_history=list(state.log_history),
     )
-    log.info("training finished: %s (trainer said %s)", outcome, out.metrics)
+    log.info(
+        "training finished at step %d/%d (trainer said %s)",
+        outcome.global_step,
+        outcome.max_steps,
+        out.metrics,
+    )
     return outcome
-
-
-def _halve(cfg: TrainConfig, rows: int) -> TrainConfig:
-    from dataclasses import replace
-
-    return replace(
-        cfg,
-        micro_batch_tokens=max(1, cfg.micro_batch_tokens // 2),
-        max_rows=max(1, min(cfg.max_rows, rows) // 2),
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps * 2,
-    )
 
 
 def _last_train_loss(trainer) -> float | None:
