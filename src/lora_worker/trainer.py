@@ -53,7 +53,7 @@ def make_schedule(plan: list[list[int]], epochs: int, seed: int) -> list[list[in
 
 
 def split_schedule(schedule: list[list[int]]) -> list[list[int]]:
-    """Each micro-batch becomes two consecutive halves (a one-row micro-batch and an empty one).
+    """Each micro-batch becomes two consecutive halves (a one-row micro-batch: itself and an empty one).
 
     With gradient accumulation doubled, every optimizer step then sees exactly the same examples
     in the same order as before, and step N still starts at the same place in the data.
