@@ -7,7 +7,7 @@ import json
 import time
 
 import pytest
-from conftest import SAMPLE
+from conftest import tiny_job
 
 from lora_worker import worker
 from lora_worker.settings import Settings
@@ -15,18 +15,19 @@ from lora_worker.settings import Settings
 pytestmark = pytest.mark.e2e
 
 
+def long_job(tiny_model):
+    """Long enough to be cancelled mid-training; no checkpoint on schedule, so any is the cancel's."""
+    return tiny_job(
+        tiny_model,
+        hyperparameters={"num_epochs": 5, "gradient_accumulation_steps": 1},
+        training={"checkpoint_steps": 1000},
+        evaluation={"num_samples": 0},
+    )
+
+
 def test_task_cancel_stops_training_then_reraises(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(worker, "_settings", Settings.from_env({"VOLUME_DIR": str(tmp_path)}))
-    job = {
-        "id": "rp-123",
-        "input": {
-            "dataset_path": str(SAMPLE),
-            "base_model": str(tiny_model),
-            "hyperparameters": {"num_epochs": 5, "max_seq_length": 1024, "gradient_accumulation_steps": 1},
-            "training": {"checkpoint_steps": 1000},
-            "evaluation": {"num_samples": 0},
-        },
-    }
+    job = {"id": "rp-123", "input": long_job(tiny_model)}
     job_dir = tmp_path / "jobs" / "rp-123"
 
     async def scenario():
@@ -58,15 +59,7 @@ def test_bad_input_is_a_readable_error_not_a_traceback(monkeypatch, tmp_path):
 
 def test_a_second_cancel_does_not_cut_the_wind_down_short(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(worker, "_settings", Settings.from_env({"VOLUME_DIR": str(tmp_path)}))
-    job = {
-        "id": "rp-twice",
-        "input": {
-            "dataset_path": str(SAMPLE),
-            "base_model": str(tiny_model),
-            "hyperparameters": {"num_epochs": 5, "max_seq_length": 1024, "gradient_accumulation_steps": 1},
-            "evaluation": {"num_samples": 0},
-        },
-    }
+    job = {"id": "rp-twice", "input": long_job(tiny_model)}
     job_dir = tmp_path / "jobs" / "rp-twice"
 
     async def scenario():
