@@ -14,6 +14,7 @@ from lora_worker.data import (
     IGNORE_INDEX,
     Conversation,
     DatasetError,
+    Example,
     Message,
     build_examples,
     collate,
@@ -363,3 +364,14 @@ def test_cut_first_turn_without_system_keeps_bos(tokenizer):
     assert tokenizer.decode([t for t, y in zip(ex.input_ids, ex.labels, strict=True) if y != -100]) == (
         "short answer<|eot_id|>"
     )
+
+
+def test_padding_fraction_counts_each_micro_batch_as_trained():
+    from lora_worker.trainer import make_schedule, padding_fraction, split_schedule
+
+    exs = [Example("c", tuple(range(n)), tuple(range(n))) for n in (10, 10, 6, 2)]
+    plan = [[0, 1], [2, 3]]  # 20 real of 20, then 8 real of 12
+    assert padding_fraction(exs, plan) == round(1 - 28 / 32, 4)
+    # every epoch and a split after an OOM train the same positions: the same share
+    assert padding_fraction(exs, make_schedule(plan, 3, seed=1)) == padding_fraction(exs, plan)
+    assert padding_fraction(exs, split_schedule(plan)) == 0.0  # one row each: no padding left

@@ -58,6 +58,7 @@ def test_job_completes_and_held_out_loss_falls(job_run):
     assert m["eval_loss_after"] < m["eval_loss_before"]
     assert m["perplexity_after"] < m["perplexity_before"]
     assert m["steps"] > 0 and m["epochs"] == pytest.approx(2.0)
+    assert 0 <= m["padding_fraction"] < 0.1  # length-bucketed rows waste little on padding
     assert json.loads((job_dir / "result.json").read_text()) == json.loads(json.dumps(result, default=str))
 
 

@@ -199,11 +199,16 @@ def largest_micro_batch(
     return tokens, rows
 
 
-def padding_fraction(examples: Sequence[Example], plan: list[list[int]], packed: bool = False) -> float:
-    real = sum(len(e.input_ids) for e in examples)
+def padding_fraction(examples: Sequence[Example], schedule: list[list[int]], packed: bool = False) -> float:
+    """Share of the trained positions that are padding (rows of a micro-batch padded to its longest)."""
     if packed:
         return 0.0
-    padded = sum(len(b) * max(len(examples[i].input_ids) for i in b) for b in plan)
+    real = padded = 0
+    for b in schedule:
+        if b:
+            lengths = [len(examples[i].input_ids) for i in b]
+            real += sum(lengths)
+            padded += len(b) * max(lengths)
     return round(1 - real / padded, 4) if padded else 0.0
 
 
@@ -289,7 +294,7 @@ def train(
         micro_batch_tokens=largest_micro_batch(examples, schedule, packed)[0],
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         stopped_reason=stop_cb.reason,
-        padding_fraction=padding_fraction(examples, [b for b in schedule if b], packed=packed),
+        padding_fraction=padding_fraction(examples, schedule, packed=packed),
         log_history=list(state.log_history),
     )
     log.info(
