@@ -126,7 +126,7 @@ def test_markdown_has_headline_numbers_plot_tables_and_samples(tmp_path: Path) -
     assert "![loss](loss_curve.png)" in md
     assert "| Held-out loss, base model | 1.8765 |" in md
     assert "| Held-out conversations | 12 |" in md
-    assert "| Tokens (after truncation) | 91,234 |" in md
+    assert "| Tokens per epoch (conversations folded) | 91,234 |" in md
     assert '| target_modules | ["q_proj", "v_proj"] |' in md
     assert "| learning_rate | 0.0002 |" in md
     assert "| **total** | **4,020.8** |" in md

@@ -33,12 +33,13 @@ METRIC_LABELS: dict[str, str] = {
     "eval_loss_after": "Held-out loss, with adapter",
     "perplexity_before": "Held-out perplexity, base model",
     "perplexity_after": "Held-out perplexity, with adapter",
-    "train_loss": "Training loss (mean over run)",
+    "train_loss": "Training loss (last logged step)",
     "steps": "Optimizer steps",
     "epochs": "Epochs",
     "tokens_trained": "Tokens trained",
     "tokens_per_second": "Throughput (tokens/s)",
     "peak_gpu_memory_gib": "Peak GPU memory (GiB)",
+    "padding_fraction": "Padding share of trained positions",
 }
 DATASET_LABELS: dict[str, str] = {
     "format": "Format",
@@ -48,11 +49,18 @@ DATASET_LABELS: dict[str, str] = {
     "train_conversations": "Training conversations",
     "eval_conversations": "Held-out conversations",
     "examples": "Training examples",
-    "truncated": "Examples truncated to max length",
-    "dropped": "Examples dropped",
-    "tokens_total": "Tokens (after truncation)",
-    "tokens_unfolded": "Tokens (before truncation)",
+    "truncated": "Examples split or cut to max_seq_length (at turn boundaries)",
+    "dropped": "Targets dropped (longer than max_seq_length alone)",
+    "tokens_total": "Tokens per epoch (conversations folded)",
+    "tokens_unfolded": "Tokens per epoch pair by pair (without folding)",
     "trainable_tokens": "Trainable tokens (responses only)",
+    "fold_ratio": "Token saving from folding (x)",
+    "folded_conversations": "Conversations folded",
+    "unfolded_conversations": "Conversations trained pair by pair (inconsistent pairs)",
+    "eval_examples": "Held-out examples",
+    "eval_tokens": "Held-out tokens",
+    "max_seq_length": "max_seq_length",
+    "tokenizer": "Tokenizer",
 }
 
 
