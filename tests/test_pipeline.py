@@ -66,6 +66,9 @@ def test_report_shows_before_and_after(job_run):
     result, job_dir, _, _ = job_run
     report = json.loads((job_dir / "report" / "report.json").read_text())
     assert report["metrics"]["eval_loss_before"] == result["metrics"]["eval_loss_before"]
+    curve = report["history"]["eval"]
+    assert curve[0] == {"step": 0, "eval_loss": result["metrics"]["eval_loss_before"]}
+    assert curve[-1] == {"step": result["metrics"]["steps"], "eval_loss": result["metrics"]["eval_loss_after"]}
     md = (job_dir / "report" / "report.md").read_text()
     assert f"{result['metrics']['eval_loss_before']:.4f}"[:5] in md
     assert (job_dir / "report" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -601,7 +601,13 @@ class Job:
                 "peak_gpu_memory_gib": peak,
                 "padding_fraction": outcome.padding_fraction,
             },
-            "history": history,
+            # the held-out curve runs from the base model (step 0) to the final adapter
+            "history": {
+                "train": history["train"],
+                "eval": [{"step": 0, "eval_loss": before}] * (before is not None)
+                + [e for e in history["eval"] if e["step"] not in (0, outcome.global_step)]
+                + [{"step": outcome.global_step, "eval_loss": after}] * (after is not None),
+            },
             "samples": samples,
             "timings_s": dict(self.timings),
             "gpu_seconds": round(self.meter.seconds(), 1),
