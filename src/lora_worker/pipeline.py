@@ -285,7 +285,6 @@ class Job:
     def resolve_model(self) -> Path:
         from lora_worker import model_cache
 
-        t = time.monotonic()
         resolved = model_cache.resolve_base_model(
             self.spec.base_model,
             volume_dir=self.settings.volume_dir,
@@ -295,7 +294,7 @@ class Job:
             on_progress=lambda p: self.reporter.progress(force=False, model_download=p),
         )
         self.resolved = resolved
-        self.timings["resolve_model"] = round(time.monotonic() - t, 2)
+        # model_resolve, model_download (and model_lock_wait when another worker was downloading)
         self.timings.update({f"model_{k}": round(v, 2) for k, v in resolved.timings.items()})
         return resolved.path
 
