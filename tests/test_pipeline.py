@@ -68,7 +68,10 @@ def test_report_shows_before_and_after(job_run):
     assert report["metrics"]["eval_loss_before"] == result["metrics"]["eval_loss_before"]
     curve = report["history"]["eval"]
     assert curve[0] == {"step": 0, "eval_loss": result["metrics"]["eval_loss_before"]}
-    assert curve[-1] == {"step": result["metrics"]["steps"], "eval_loss": result["metrics"]["eval_loss_after"]}
+    assert curve[-1] == {
+        "step": result["metrics"]["steps"],
+        "eval_loss": result["metrics"]["eval_loss_after"],
+    }
     md = (job_dir / "report" / "report.md").read_text()
     assert f"{result['metrics']['eval_loss_before']:.4f}"[:5] in md
     assert (job_dir / "report" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -438,8 +441,13 @@ def test_resubmitting_a_job_id(tiny_model, tmp_path):
     )
     first = run_job(job, settings=settings)
     assert first["status"] == "completed"
-    # the same job again (RunPod may deliver it twice): the stored result, nothing retrained
-    assert run_job(job, settings=settings) == first
+    # the same job again (RunPod may deliver it twice): the stored result, nothing retrained,
+    # and neither the model nor the tokenized dataset is touched on the way
+    seen: list[dict] = []
+    spy = type("Spy", (), {"send": lambda self, e, kind: seen.append(e), "close": lambda self, t: True})()
+    assert run_job(job, settings=settings, hooks=Hooks(channels=[spy])) == first
+    assert [e["status"] for e in seen] == ["queued", "preprocessing", "completed"]
+    assert not any("dataset" in e for e in seen)
     # a different job under the same id: refused before any model is loaded, naming what changed
     changed = run_job({**job, "hyperparameters": {**job["hyperparameters"], "lora_r": 8}}, settings=settings)
     assert changed["status"] == "failed"

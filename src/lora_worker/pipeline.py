@@ -112,10 +112,13 @@ class Job:
         spec = self.spec
         self.reporter.stage("queued")
         try:
-            data, tokenizer, model_path = self.prepare()
+            self.reporter.stage("preprocessing")
+            dataset_path = self.fetch_dataset()
+            self.check_resumable(self.fingerprint(dataset_path))
             previous = self.previous_result()
-            if previous is not None:
+            if previous is not None:  # before resolving the model or tokenizing: nothing left to do
                 return self.replay(previous)
+            data, tokenizer, model_path = self.prepare(dataset_path)
             if spec.dry_run:
                 return self.finish(
                     "completed", {"dry_run": True, "dataset": data.summary.as_dict(), "plan": self.plan}
@@ -218,16 +221,13 @@ class Job:
         self.reporter.close(timeout_s=WEBHOOK_DRAIN_S)
         return previous
 
-    def prepare(self):
+    def prepare(self, dataset_path: Path):
         from transformers import AutoTokenizer
 
         from lora_worker.data import prepare_dataset
 
         spec = self.spec
-        self.reporter.stage("preprocessing")
         t = time.monotonic()
-        dataset_path = self.fetch_dataset()
-        self.check_resumable(self.fingerprint(dataset_path))
         model_path = self.resolve_model()
         self.check_gpu_memory(model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -264,6 +264,8 @@ class Job:
 
         target = self.dir / "dataset" / (Path(spec.dataset_url.split("?")[0]).name or "dataset.json")
         target.parent.mkdir(parents=True, exist_ok=True)
+        t = time.monotonic()
+        max_bytes = 1 << 30  # 1 GiB: far beyond any chat dataset; refuse rather than fill the volume
         try:
             with requests.get(spec.dataset_url, stream=True, timeout=60) as r:
                 r.raise_for_status()
@@ -271,15 +273,14 @@ class Job:
                 with open(target, "wb") as f:
                     for chunk in r.iter_content(1 << 20):
                         size += len(chunk)
-                        if (
-                            size > 1 << 30
-                        ):  # 1 GiB: far beyond any chat dataset; refuse rather than fill the volume
+                        if size > max_bytes:
                             raise JobFailed("dataset_url: the file is larger than 1 GiB")
                         f.write(chunk)
         except requests.RequestException as err:
             raise JobFailed(
                 f"dataset_url: download failed: {type(err).__name__}: {_strip_query(str(err))}"
             ) from None
+        self.timings["dataset_download"] = round(time.monotonic() - t, 2)
         return target
 
     def resolve_model(self) -> Path:
