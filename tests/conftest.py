@@ -39,6 +39,11 @@ def tiny_job(tiny_model: Path, **over) -> dict:
         "training": {"checkpoint_steps": 5},
         "evaluation": {"num_samples": 2, "max_new_tokens": 8},
     }
+    return merge_groups(job, **over)
+
+
+def merge_groups(job: dict, **over) -> dict:
+    """`job` with each keyword applied: a dict merges into that group, anything else replaces it."""
     for k, v in over.items():
         job[k] = {**job.get(k, {}), **v} if isinstance(v, dict) else v
     return job

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import REPO, SAMPLE, merge_groups, tiny_job
 
 from lora_worker import client as cli
 from lora_worker.client import EndpointClient
 from lora_worker.local_endpoint import LocalEndpoint
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "examples" / "brightrun-sample-24.json"
 # Every e2e wait is bounded by this (seconds): a few times what a job takes on a 2-core CPU.
 JOB_TIMEOUT_S = 240
 
@@ -253,20 +252,13 @@ def shared(tmp_path_factory) -> Iterator[Cluster]:
 
 
 def small_job(tiny_model: Path, **override) -> dict:
-    job = {
-        "dataset_path": str(SAMPLE),
-        "base_model": str(tiny_model),
-        "hyperparameters": {
-            "num_epochs": 1,
-            "max_seq_length": 512,
-            "batch_size": 4,
-            "gradient_accumulation_steps": 1,
-        },
-        "evaluation": {"num_samples": 1, "max_new_tokens": 8},
-    }
-    for key, value in override.items():
-        job[key] = {**job[key], **value} if isinstance(value, dict) and key in job else value
-    return job
+    base = tiny_job(
+        tiny_model,
+        hyperparameters={"num_epochs": 1, "max_seq_length": 512, "gradient_accumulation_steps": 1},
+        training={"checkpoint_steps": 50},
+        evaluation={"num_samples": 1},
+    )
+    return merge_groups(base, **override)
 
 
 def wait_until(

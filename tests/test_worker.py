@@ -25,18 +25,24 @@ def long_job(tiny_model):
     )
 
 
+async def start_training(job: dict, job_dir) -> asyncio.Task:
+    """The handler as the SDK runs it, returned once its Trainer has started (bounded wait)."""
+    task = asyncio.ensure_future(worker.handler(job))
+    deadline = time.monotonic() + 300
+    while not (job_dir / "tensorboard").exists():
+        assert not task.done(), task.result()
+        assert time.monotonic() < deadline, "training did not start within 300 s"
+        await asyncio.sleep(0.05)
+    return task
+
+
 def test_task_cancel_stops_training_then_reraises(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(worker, "_settings", Settings.from_env({"VOLUME_DIR": str(tmp_path)}))
     job = {"id": "rp-123", "input": long_job(tiny_model)}
     job_dir = tmp_path / "jobs" / "rp-123"
 
     async def scenario():
-        task = asyncio.ensure_future(worker.handler(job))
-        deadline = time.monotonic() + 300
-        while not (job_dir / "tensorboard").exists():  # the Trainer has started
-            assert not task.done(), task.result()
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        task = await start_training(job, job_dir)
         await asyncio.sleep(0.5)
         task.cancel()  # what the SDK does on /cancel
         with pytest.raises(asyncio.CancelledError):
@@ -63,10 +69,7 @@ def test_a_second_cancel_does_not_cut_the_wind_down_short(tiny_model, tmp_path, 
     job_dir = tmp_path / "jobs" / "rp-twice"
 
     async def scenario():
-        task = asyncio.ensure_future(worker.handler(job))
-        while not (job_dir / "tensorboard").exists():
-            assert not task.done()
-            await asyncio.sleep(0.05)
+        task = await start_training(job, job_dir)
         task.cancel()
         await asyncio.sleep(0.01)
         task.cancel()  # e.g. /cancel and the execution timeout both fire
