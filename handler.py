@@ -16,14 +16,10 @@ Locally, `python handler.py` runs test_input.json (the runpod SDK's local test m
 """
 
 import logging
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # works without `pip install .`
+import runpod
 
-import runpod  # noqa: E402
-
-from lora_worker.worker import concurrency, handler  # noqa: E402
+from lora_worker.runtime.handler import concurrency, handler
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

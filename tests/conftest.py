@@ -11,7 +11,7 @@ SAMPLE = REPO / "examples" / "brightrun-sample-24.json"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The tiny offline Llama-architecture model, built once per test session."""
-    from lora_worker.tiny_model import build_tiny_model
+    from lora_worker.tools.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 

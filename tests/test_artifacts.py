@@ -21,7 +21,13 @@ import pytest
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
-from lora_worker.artifacts import archive_dir, redact_url, sha256_file, upload_presigned, upload_to_hf_hub
+from lora_worker.runtime.delivery.artifacts import (
+    archive_dir,
+    redact_url,
+    sha256_file,
+    upload_presigned,
+    upload_to_hf_hub,
+)
 
 BUCKET = "adapters"
 DENIED_PREFIX = "denied/"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_worker import bench
-from lora_worker.bench import (
+from lora_worker.tools.bench import bench
+from lora_worker.tools.bench.bench import (
     SHAPES,
     RunSpec,
     attach_ratios,

@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from lora_worker import client as cli
-from lora_worker.local_endpoint import LocalEndpoint
+from lora_worker.tools import client as cli
+from lora_worker.tools.local_endpoint import LocalEndpoint
 
 EVENT = {
     "status": "training",
@@ -150,7 +150,7 @@ def test_status_cancel_and_wait_exit_codes(endpoint, tmp_path, capsys):
 
 
 def test_job_policy_covers_the_jobs_own_time_limit():
-    from lora_worker.client import job_policy
+    from lora_worker.tools.client import job_policy
 
     assert job_policy({"dataset_path": "x"}) == {"executionTimeout": 25 * 3_600_000, "ttl": 48 * 3_600_000}
     assert job_policy({"max_duration_hours": 30}) == {

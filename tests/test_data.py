@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import REPO, SAMPLE
 
-from lora_worker.data import (
+from lora_worker.runtime.data.formats import (
     IGNORE_INDEX,
     Conversation,
     DatasetError,
@@ -258,7 +258,7 @@ def _loss_per_token(model, batch) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def nf4_model(tiny_model):
-    from lora_worker.model import load_base_model
+    from lora_worker.runtime.model.load import load_base_model
 
     return load_base_model(tiny_model)
 
@@ -328,7 +328,7 @@ def test_validate_cli(tmp_path):
 
 def test_packed_row_isolates_examples(nf4_model, tokenizer):
     """`packing: packed`: examples back to back in one row; each one's per-token loss is as alone."""
-    from lora_worker.data import collate_packed, plan_packed
+    from lora_worker.runtime.data.formats import collate_packed, plan_packed
 
     convs, _ = load_conversations(SAMPLE)
     exs, _ = build_examples(tokenizer, convs[:3], 512)
@@ -367,7 +367,7 @@ def test_cut_first_turn_without_system_keeps_bos(tokenizer):
 
 
 def test_padding_fraction_counts_each_micro_batch_as_trained():
-    from lora_worker.trainer import make_schedule, padding_fraction, split_schedule
+    from lora_worker.runtime.training.trainer import make_schedule, padding_fraction, split_schedule
 
     exs = [Example("c", tuple(range(n)), tuple(range(n))) for n in (10, 10, 6, 2)]
     plan = [[0, 1], [2, 3]]  # 20 real of 20, then 8 real of 12

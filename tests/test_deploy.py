@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from lora_worker import deploy
+from lora_worker.tools import deploy
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "rpa_test_key_0123456789"

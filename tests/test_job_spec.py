@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_worker.job_spec import DEFAULT_BASE_MODEL, JobInputError, input_table_markdown, parse_job_input
+from lora_worker.runtime.spec import DEFAULT_BASE_MODEL, JobInputError, input_table_markdown, parse_job_input
 
 OK = {"dataset_path": "data.json"}
 
@@ -138,5 +138,5 @@ def test_readme_input_table_is_current():
     assert m, "README.md lacks the generated input table markers"
     assert m.group(1).strip() == input_table_markdown().strip(), (
         "README's input table is stale: regenerate it with "
-        "`python -c 'from lora_worker.job_spec import input_table_markdown as t; print(t())'`"
+        "`python -c 'from lora_worker.runtime.spec import input_table_markdown as t; print(t())'`"
     )

@@ -24,9 +24,9 @@ import pytest
 import requests
 from conftest import REPO, SAMPLE, merge_groups, tiny_job
 
-from lora_worker import client as cli
-from lora_worker.client import EndpointClient
-from lora_worker.local_endpoint import LocalEndpoint
+from lora_worker.tools import client as cli
+from lora_worker.tools.client import EndpointClient
+from lora_worker.tools.local_endpoint import LocalEndpoint
 
 # Every e2e wait is bounded by this (seconds): a few times what a job takes on a 2-core CPU.
 JOB_TIMEOUT_S = 240

@@ -30,8 +30,8 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 import lora_worker
-from lora_worker import model_cache
-from lora_worker.model_cache import (
+from lora_worker.runtime.model import resolve as model_cache
+from lora_worker.runtime.model.resolve import (
     GB,
     GpuMemoryError,
     ModelResolutionError,
@@ -42,7 +42,7 @@ from lora_worker.model_cache import (
     resolve_base_model,
     save_prequantized,
 )
-from lora_worker.tiny_model import build_tiny_model
+from lora_worker.tools.tiny_model import build_tiny_model
 
 MODEL = "test-org/tiny-llama"
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -419,7 +419,7 @@ def test_killed_worker_leaves_partial_download_and_lock_that_are_recovered(
     src = str(Path(lora_worker.__file__).resolve().parents[1])
     code = (
         "from pathlib import Path\n"
-        "from lora_worker.model_cache import resolve_base_model\n"
+        "from lora_worker.runtime.model.resolve import resolve_base_model\n"
         f"resolve_base_model({MODEL!r}, volume_dir=Path({str(volume)!r}), hf_token=None,"
         f" hf_endpoint={hub.url!r}, min_free_bytes_margin=0)\n"
     )
@@ -444,7 +444,7 @@ def test_killed_worker_leaves_partial_download_and_lock_that_are_recovered(
     assert (model_dir / ".download.lock").exists()
     assert (partial / "config.json").is_file() and not (model_dir / SHA).exists()
 
-    with caplog.at_level(logging.WARNING, logger="lora_worker.model_cache"):
+    with caplog.at_level(logging.WARNING, logger="lora_worker.runtime.model.resolve"):
         result = resolve(hub, volume, stale_lock_s=3600)  # broken for the dead pid, not for age
 
     assert f"breaking stale lock {model_dir / '.download.lock'}: held by pid {worker.pid}" in caplog.text
@@ -482,7 +482,7 @@ def test_lock_whose_heartbeat_stopped_is_broken(
     }
     (model_dir / ".download.lock.owner.json").write_text(json.dumps(owner))
     try:
-        with caplog.at_level(logging.WARNING, logger="lora_worker.model_cache"):
+        with caplog.at_level(logging.WARNING, logger="lora_worker.runtime.model.resolve"):
             result = resolve(hub, volume, stale_lock_s=60, lock_timeout_s=20)
     finally:
         with contextlib.suppress(OSError):
@@ -675,8 +675,8 @@ def test_prequantized_copy_round_trips_bit_identically(tiny_dir: Path, volume: P
 def test_job_downloads_once_then_starts_from_the_saved_nf4_copy(hub: FakeHub, volume: Path) -> None:
     """A first job quantizes on load and saves the NF4 copy; the next job loads that copy instead,
     with the same base model (same held-out loss before training)."""
-    from lora_worker.pipeline import run_job
-    from lora_worker.settings import Settings
+    from lora_worker.runtime.job import run_job
+    from lora_worker.runtime.settings import Settings
 
     settings = Settings.from_env({"VOLUME_DIR": str(volume), "HF_ENDPOINT": hub.url})
     job = {

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import LoopbackServer, tiny_job
 
-from lora_worker.pipeline import Hooks, run_job
-from lora_worker.progress import STAGES
-from lora_worker.settings import Settings
-from lora_worker.webhooks import verify
+from lora_worker.runtime.events.progress import STAGES
+from lora_worker.runtime.events.webhooks import verify
+from lora_worker.runtime.job import Hooks, run_job
+from lora_worker.runtime.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
@@ -306,7 +306,7 @@ def test_merge_writes_plain_weights_equal_to_base_plus_adapter(tiny_model, tmp_p
 
 
 def test_merge_refusal_is_clear():
-    from lora_worker.model import merge_problem
+    from lora_worker.runtime.model.load import merge_problem
 
     assert merge_problem(10 * 10**9, ram_bytes=100 * 10**9, disk_bytes=100 * 10**9) is None
     msg = merge_problem(141 * 10**9, ram_bytes=120 * 10**9, disk_bytes=500 * 10**9)
@@ -422,7 +422,7 @@ def test_cancel_before_training_stops_at_the_next_stage(tiny_model, tmp_path):
 def test_a_cancel_on_the_last_step_does_not_undo_a_finished_job():
     from types import SimpleNamespace
 
-    from lora_worker.callbacks import StopCallback
+    from lora_worker.runtime.training.callbacks import StopCallback
 
     cancel = threading.Event()
     cancel.set()

@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import LoopbackServer
 
-from lora_worker.progress import CostMeter, Reporter, RunPodChannel
+from lora_worker.runtime.events.progress import CostMeter, Reporter, RunPodChannel
 
 
 class Clock:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_worker.reporting import headline, render_markdown, write_report
+from lora_worker.runtime.delivery.report import headline, render_markdown, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -12,9 +12,9 @@ import time
 import pytest
 from conftest import REPO, tiny_job
 
-from lora_worker.callbacks import COMPLETE_MARKER
-from lora_worker.pipeline import run_job
-from lora_worker.settings import Settings
+from lora_worker.runtime.job import run_job
+from lora_worker.runtime.settings import Settings
+from lora_worker.runtime.training.callbacks import COMPLETE_MARKER
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from lora_worker.webhooks import (
+from lora_worker.runtime.events.webhooks import (
     WebhookSender,
     WebhookVerificationError,
     backoff_s,
@@ -436,7 +436,7 @@ def test_close_is_bounded_when_the_receiver_never_answers(receiver) -> None:
 
 
 def test_no_secret_or_signature_in_logs(receiver, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="lora_worker.webhooks")
+    caplog.set_level(logging.DEBUG, logger="lora_worker.runtime.events.webhooks")
     rec = receiver(scripted(500, 400))
     sender = WebhookSender(rec.url, WHSEC, final_backoff_s=0.01)
     sender.send({"status": "evaluating"}, kind="stage")  # 500, then 400: fails

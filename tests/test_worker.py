@@ -9,8 +9,8 @@ import time
 import pytest
 from conftest import tiny_job
 
-from lora_worker import worker
-from lora_worker.settings import Settings
+from lora_worker.runtime import handler as worker
+from lora_worker.runtime.settings import Settings
 
 pytestmark = pytest.mark.e2e
 

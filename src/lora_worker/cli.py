@@ -12,23 +12,23 @@ import sys
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tiny-model": (
-        "lora_worker.tiny_model",
+        "lora_worker.tools.tiny_model",
         "write the tiny offline Llama-architecture model used by tests and the demo",
     ),
-    "validate": ("lora_worker.data", "validate a dataset file and print its summary"),
-    "run": ("lora_worker.pipeline", "run one job from a JSON input file, without the RunPod queue"),
-    "bench": ("lora_worker.bench", "measure 70B-shaped QLoRA throughput and memory on the GPU"),
-    "deploy": ("lora_worker.deploy", "create or update the RunPod template and scale-to-zero endpoint"),
+    "validate": ("lora_worker.runtime.data.formats", "validate a dataset file and print its summary"),
+    "run": ("lora_worker.runtime.job", "run one job from a JSON input file, without the RunPod queue"),
+    "bench": ("lora_worker.tools.bench.bench", "measure 70B-shaped QLoRA throughput and memory on the GPU"),
+    "deploy": ("lora_worker.tools.deploy", "create or update the RunPod template and scale-to-zero endpoint"),
     "local-endpoint": (
-        "lora_worker.local_endpoint",
+        "lora_worker.tools.local_endpoint",
         "serve RunPod's queue protocol on loopback for local runs",
     ),
     "submit": (
-        "lora_worker.client",
+        "lora_worker.tools.client",
         "submit a training job to an endpoint (optionally --wait with a progress bar)",
     ),
-    "status": ("lora_worker.client", "show a job's status"),
-    "cancel": ("lora_worker.client", "cancel a job"),
+    "status": ("lora_worker.tools.client", "show a job's status"),
+    "cancel": ("lora_worker.tools.client", "cancel a job"),
 }
 
 
@@ -49,6 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     # client.py serves three commands; it gets the command name as its first argument.
-    if module.__name__ == "lora_worker.client":
+    if module.__name__ == "lora_worker.tools.client":
         return int(module.main([command, *rest]) or 0)
     return int(module.main(rest) or 0)

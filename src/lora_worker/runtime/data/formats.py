@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tok, name = AutoTokenizer.from_pretrained(a.tokenizer), a.tokenizer
     else:
-        from lora_worker.tiny_model import build_tokenizer
+        from lora_worker.tools.tiny_model import build_tokenizer
 
         tok, name = build_tokenizer(), "tiny byte-level BPE (not Llama 3's; pass --tokenizer for real counts)"
     try:

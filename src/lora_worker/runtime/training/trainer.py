@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from lora_worker.callbacks import COMPLETE_MARKER, clean_incomplete, complete_checkpoints
-from lora_worker.data import Example, collate, collate_packed, plan_micro_batches, plan_packed
+from lora_worker.runtime.data.formats import Example, collate, collate_packed, plan_micro_batches, plan_packed
+from lora_worker.runtime.training.callbacks import COMPLETE_MARKER, clean_incomplete, complete_checkpoints
 
 log = logging.getLogger(__name__)
 

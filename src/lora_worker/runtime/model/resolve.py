@@ -1132,14 +1132,14 @@ def check_gpu_memory(estimate_gib: float, available_gib: float) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Terminal entry point (pre-warming the cache by hand: `python -m lora_worker.model_cache ORG/NAME`)
+# Terminal entry point (pre-warming the cache by hand: `python -m lora_worker.runtime.model.resolve ORG/NAME`)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lora_worker.settings import Settings
+    from lora_worker.runtime.settings import Settings
 
     parser = argparse.ArgumentParser(
-        prog="python -m lora_worker.model_cache", description=__doc__.split("\n\n")[0]
+        prog="python -m lora_worker.runtime.model.resolve", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("base_model", help="Hub id (ORG/NAME) or a local directory")
     parser.add_argument("--revision", default=None, help="branch, tag or commit sha (default: main)")

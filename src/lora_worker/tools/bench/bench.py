@@ -269,7 +269,7 @@ def synthetic_examples(n: int, length: int, vocab: int, *, label_fraction: float
     """Random-token `Example`s with labels on the last `label_fraction` of each (like assistant turns)."""
     import torch
 
-    from lora_worker.data import IGNORE_INDEX, Example
+    from lora_worker.runtime.data.formats import IGNORE_INDEX, Example
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (n, length), generator=g)
@@ -307,8 +307,8 @@ def _step_clock(device: str):
 
 
 def _project_trainer(model, cfg: dict, device: str, workdir: Path, clock) -> tuple[Any, dict]:
-    from lora_worker.model import add_lora
-    from lora_worker.trainer import TrainConfig, build_trainer
+    from lora_worker.runtime.model.load import add_lora
+    from lora_worker.runtime.training.trainer import TrainConfig, build_trainer
 
     model, liger_used = add_lora(
         model,
@@ -363,7 +363,7 @@ def _seed_trainer(model, cfg: dict, device: str, workdir: Path, clock) -> tuple[
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments
 
-    from lora_worker.model import LORA_TARGETS
+    from lora_worker.runtime.model.load import LORA_TARGETS
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     torch.manual_seed(cfg["seed"])
@@ -557,7 +557,7 @@ class Runner:
     def __init__(self, args: argparse.Namespace, shape: Shape, command: list[str]):
         self.args, self.shape = args, shape
         self.doc: dict[str, Any] = {
-            "tool": "lora_worker.bench",
+            "tool": "lora_worker.tools.bench.bench",
             "schema": SCHEMA,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": command,
@@ -844,7 +844,7 @@ def measured_rates(results_path: Path) -> dict[str, float]:
 
 
 def project_job(a: argparse.Namespace) -> dict:
-    from lora_worker.data import plan_micro_batches, prepare_dataset
+    from lora_worker.runtime.data.formats import plan_micro_batches, prepare_dataset
 
     dataset = Path(a.dataset) if a.dataset else Path("../shared/data/brightrun-242.json")
     notes = []
@@ -858,7 +858,7 @@ def project_job(a: argparse.Namespace) -> dict:
 
         tok, tok_name = AutoTokenizer.from_pretrained(a.tokenizer), a.tokenizer
     else:
-        from lora_worker.tiny_model import build_tokenizer
+        from lora_worker.tools.tiny_model import build_tokenizer
 
         tok, tok_name = build_tokenizer(), "tiny byte-level BPE (NOT Llama 3's)"
         notes.append(
@@ -925,7 +925,7 @@ def project_job(a: argparse.Namespace) -> dict:
 
 def _chars_and_tokens(path: Path, tok) -> tuple[int, int]:
     """Message characters and tokens of every conversation rendered whole (no splitting, no folding)."""
-    from lora_worker.data import load_conversations
+    from lora_worker.runtime.data.formats import load_conversations
 
     chars = tokens = 0
     for c in load_conversations(path)[0]:

@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lora_worker.job_spec import JobInputError, JobSpec, parse_job_input
-from lora_worker.progress import CostMeter, Reporter, RunPodChannel
-from lora_worker.settings import Settings
+from lora_worker.runtime.events.progress import CostMeter, Reporter, RunPodChannel
+from lora_worker.runtime.settings import Settings
+from lora_worker.runtime.spec import JobInputError, JobSpec, parse_job_input
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def run_job(
                 ]
             )
         if spec.webhook_url:
-            from lora_worker.webhooks import secret_key
+            from lora_worker.runtime.events.webhooks import secret_key
 
             try:
                 secret_key(settings.webhook_secret or "")
@@ -83,7 +83,7 @@ def run_job(
 
 class Job:
     def __init__(self, spec: JobSpec, settings: Settings, runpod_job: dict | None, cancel, hooks: Hooks):
-        from lora_worker.model import device_info
+        from lora_worker.runtime.model.load import device_info
 
         self.spec, self.settings, self.cancel, self.hooks = spec, settings, cancel, hooks
         self.dir = settings.job_dir(spec.job_id)
@@ -95,7 +95,7 @@ class Job:
         if runpod_job is not None:
             channels.append(RunPodChannel(runpod_job, send=hooks.runpod_send))
         if spec.webhook_url:
-            from lora_worker.webhooks import WebhookSender
+            from lora_worker.runtime.events.webhooks import WebhookSender
 
             channels.append(WebhookSender(spec.webhook_url, settings.webhook_secret or ""))
         self.reporter = Reporter(
@@ -144,7 +144,7 @@ class Job:
             uploads = self.upload(adapter)
             return self.finish("completed", self.output(report, adapter, uploads, outcome, merged))
         except JobCancelled:
-            from lora_worker.trainer import latest_checkpoint
+            from lora_worker.runtime.training.trainer import latest_checkpoint
 
             ckpt = latest_checkpoint(self.dir / "checkpoints")
             where = f"cancelled during {self.reporter.status}"
@@ -169,7 +169,7 @@ class Job:
 
     def fingerprint(self, dataset_path: Path) -> dict:
         """What decides the trained weights: a checkpoint only resumes a job with the same values."""
-        from lora_worker.artifacts import sha256_file
+        from lora_worker.runtime.delivery.artifacts import sha256_file
 
         spec = self.spec
         training = spec.training.model_dump(
@@ -187,7 +187,7 @@ class Job:
 
     def check_resumable(self, fingerprint: dict) -> None:
         """A job folder from an earlier run must hold the same job, or nothing is reused from it."""
-        from lora_worker.trainer import latest_checkpoint
+        from lora_worker.runtime.training.trainer import latest_checkpoint
 
         stored_file = self.dir / "job_fingerprint.json"
         if stored_file.exists() and latest_checkpoint(self.dir / "checkpoints") is not None:
@@ -224,7 +224,7 @@ class Job:
     def prepare(self, dataset_path: Path):
         from transformers import AutoTokenizer
 
-        from lora_worker.data import prepare_dataset
+        from lora_worker.runtime.data.formats import prepare_dataset
 
         spec = self.spec
         t = time.monotonic()
@@ -284,7 +284,7 @@ class Job:
         return target
 
     def resolve_model(self) -> Path:
-        from lora_worker import model_cache
+        from lora_worker.runtime.model import resolve as model_cache
 
         resolved = model_cache.resolve_base_model(
             self.spec.base_model,
@@ -301,7 +301,7 @@ class Job:
 
     def estimate(self, data) -> dict:
         """Steps, and (on a GPU) rough time and cost from the measured 70B rate in BENCHMARKS.md."""
-        from lora_worker.trainer import plan_batches, steps_per_epoch
+        from lora_worker.runtime.training.trainer import plan_batches, steps_per_epoch
 
         hp = self.spec.hyperparameters
         plan = plan_batches(data.train, self.train_config())
@@ -321,7 +321,7 @@ class Job:
         return est
 
     def load_model(self, model_path: Path) -> None:
-        from lora_worker.model import add_lora, count_params
+        from lora_worker.runtime.model.load import add_lora, count_params
 
         spec = self.spec
         hp, tr = spec.hyperparameters, spec.training
@@ -339,7 +339,7 @@ class Job:
         )
         self.params = count_params(self.model)
         if self.hooks.inject_oom_above_tokens is not None:
-            from lora_worker.callbacks import InjectOOM
+            from lora_worker.runtime.training.callbacks import InjectOOM
 
             self.oom = InjectOOM(self.hooks.inject_oom_above_tokens)
             self.model.register_forward_pre_hook(self.oom.hook, with_kwargs=True)
@@ -358,8 +358,8 @@ class Job:
     def load_quantized(self, model_path: Path):
         """NF4 base model: from the saved NF4 copy on the volume when there is one (about 40 GB to
         read for 70B instead of 140 GB), else quantized on load and then saved for the next cold start."""
-        from lora_worker import model_cache
-        from lora_worker.model import QUANT_SETTINGS, load_base_model
+        from lora_worker.runtime.model import resolve as model_cache
+        from lora_worker.runtime.model.load import QUANT_SETTINGS, load_base_model
 
         resolved = self.resolved
         cached = resolved.source != "local_dir"  # a local directory has no revision to key a copy by
@@ -393,7 +393,7 @@ class Job:
             return
         import torch
 
-        from lora_worker import model_cache
+        from lora_worker.runtime.model import resolve as model_cache
 
         config = json.loads((model_path / "config.json").read_text())
         need = model_cache.estimate_gpu_memory_gib(
@@ -403,7 +403,7 @@ class Job:
         model_cache.check_gpu_memory(need, total / 2**30)
 
     def _eval_loss(self, data) -> float | None:
-        from lora_worker.trainer import eval_loss
+        from lora_worker.runtime.training.trainer import eval_loss
 
         hp = self.spec.hyperparameters
         return eval_loss(
@@ -422,14 +422,14 @@ class Job:
         return self.before
 
     def train(self, data, tokenizer):
-        from lora_worker.callbacks import (
+        from lora_worker.runtime.training.callbacks import (
             CheckpointCallback,
             EvalCallback,
             ProgressCallback,
             StopCallback,
             history_from_log,
         )
-        from lora_worker.trainer import latest_checkpoint, train
+        from lora_worker.runtime.training.trainer import latest_checkpoint, train
 
         spec = self.spec
         tr = spec.training
@@ -469,7 +469,7 @@ class Job:
 
     def train_config(self):
         """The trainer's plain values, from the spec (one place, for the estimate and the run)."""
-        from lora_worker.trainer import TrainConfig
+        from lora_worker.runtime.training.trainer import TrainConfig
 
         spec = self.spec
         hp, tr = spec.hyperparameters, spec.training
@@ -507,7 +507,7 @@ class Job:
         return ("tensorboard", "wandb")
 
     def evaluate(self, data, tokenizer):
-        from lora_worker.trainer import generate
+        from lora_worker.runtime.training.trainer import generate
 
         ev = self.spec.evaluation
         self.reporter.stage("evaluating")
@@ -543,7 +543,12 @@ class Job:
             return None
         import shutil
 
-        from lora_worker.model import available_ram_bytes, merge_adapter, merge_problem, weights_bytes
+        from lora_worker.runtime.model.load import (
+            available_ram_bytes,
+            merge_adapter,
+            merge_problem,
+            weights_bytes,
+        )
 
         need = weights_bytes(self.resolved.path)
         problem = merge_problem(
@@ -557,9 +562,9 @@ class Job:
         return {"ok": True, "path": str(out), "size_bytes": weights_bytes(out)}
 
     def build_report(self, data, before, after, samples, outcome, history, adapter) -> dict:
-        from lora_worker.artifacts import archive_dir
-        from lora_worker.reporting import write_report
-        from lora_worker.trainer import perplexity, resolve_optimizer
+        from lora_worker.runtime.delivery.artifacts import archive_dir
+        from lora_worker.runtime.delivery.report import write_report
+        from lora_worker.runtime.training.trainer import perplexity, resolve_optimizer
 
         spec = self.spec
         peak = None
@@ -639,14 +644,14 @@ class Job:
         out = self.spec.output
         if not (out.upload_url or out.hf_repo):
             return {}
-        from lora_worker.artifacts import upload_presigned, upload_to_hf_hub
+        from lora_worker.runtime.delivery.artifacts import upload_presigned, upload_to_hf_hub
 
         self.reporter.stage("uploading")
         t = time.monotonic()
         results: dict[str, Any] = {}
         archive = self.dir / f"{self.spec.job_id}-adapter.tar.gz"
         if out.upload_url:
-            from lora_worker.artifacts import sha256_file
+            from lora_worker.runtime.delivery.artifacts import sha256_file
 
             results["presigned"] = upload_presigned(archive, out.upload_url, sha256=sha256_file(archive))
         if out.hf_repo:
@@ -720,7 +725,7 @@ class Job:
 
     def release(self) -> None:
         """Let go of the model so the next job on this worker starts with a free GPU."""
-        from lora_worker.model import free_memory
+        from lora_worker.runtime.model.load import free_memory
 
         self.model = None
         free_memory()
@@ -749,7 +754,7 @@ def sample_prompts(conversations, n: int) -> tuple[list[list[dict]], list[str], 
 
 
 def _describe(err: BaseException) -> str:
-    from lora_worker.data import DatasetError
+    from lora_worker.runtime.data.formats import DatasetError
 
     if isinstance(err, JobFailed | DatasetError | JobInputError):
         return str(err)

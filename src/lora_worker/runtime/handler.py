@@ -13,8 +13,8 @@ import json
 import logging
 import threading
 
-from lora_worker.pipeline import run_job
-from lora_worker.settings import Settings
+from lora_worker.runtime.job import run_job
+from lora_worker.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 _settings: Settings | None = None
