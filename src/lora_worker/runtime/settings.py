@@ -15,8 +15,8 @@ from pathlib import Path
 RUNPOD_VOLUME = Path("/runpod-volume")
 LOCAL_VOLUME = Path(".volume")
 
-# On-demand $/hour by GPU name, used when GPU_HOURLY_USD is unset (RunPod serverless list prices
-# the seed quoted; override per endpoint with GPU_HOURLY_USD).
+# On-demand $/hour by GPU name, used when GPU_HOURLY_USD is unset (RunPod serverless list prices as
+# quoted in the studio's plan; override per endpoint with GPU_HOURLY_USD).
 DEFAULT_GPU_HOURLY_USD = {
     "H100": 4.18,
     "H200": 5.58,
@@ -24,6 +24,10 @@ DEFAULT_GPU_HOURLY_USD = {
     "L40S": 1.90,
     "cpu": 0.0,
 }
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _secret(value: str | None) -> str | None:
@@ -49,6 +53,15 @@ class Settings:
     """`PROGRESS_INTERVAL_S`: minimum seconds between RunPod progress updates within a stage."""
     runpod_queue: bool = False
     """True when a RunPod queue feeds this worker (`RUNPOD_WEBHOOK_GET_JOB` set); False in local test mode."""
+    require_cuda: bool = False
+    """`REQUIRE_CUDA=1`: refuse jobs within seconds when no usable CUDA GPU is visible (set in the image)."""
+    keep_checkpoints: bool = False
+    """`KEEP_CHECKPOINTS=1`: keep optimizer checkpoints after a job completes (a job may override)."""
+    job_lock_wait_s: float = 180.0
+    """`JOB_LOCK_WAIT_S`: how long a second delivery of a running job waits before it is refused; longer
+    than `job_lock_stale_s`, so a redelivery after a worker death takes over the dead worker's lock."""
+    job_lock_stale_s: float = 120.0
+    """`JOB_LOCK_STALE_S`: a job lock whose holder has not refreshed it for this long is broken."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -69,6 +82,10 @@ class Settings:
             wandb_api_key=_secret(env.get("WANDB_API_KEY")),
             progress_interval_s=float(env.get("PROGRESS_INTERVAL_S", "10")),
             runpod_queue=bool(env.get("RUNPOD_WEBHOOK_GET_JOB")),
+            require_cuda=_flag(env.get("REQUIRE_CUDA")),
+            keep_checkpoints=_flag(env.get("KEEP_CHECKPOINTS")),
+            job_lock_wait_s=float(env.get("JOB_LOCK_WAIT_S", "180")),
+            job_lock_stale_s=float(env.get("JOB_LOCK_STALE_S", "120")),
         )
 
     def secrets(self) -> list[str]:

@@ -7,12 +7,12 @@ Every problem in an input is collected and reported at once, each naming its fie
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lora_worker.runtime.net import UrlNotAllowed, check_url
 
 DEFAULT_BASE_MODEL = "meta-llama/Meta-Llama-3-70B-Instruct"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -32,7 +32,7 @@ class _Strict(BaseModel):
 
 
 class Hyperparameters(_Strict):
-    """Training hyperparameters; names follow the seed's RunPod API."""
+    """Training hyperparameters; names follow the studio's RunPod API."""
 
     num_epochs: int = Field(3, ge=1, le=100, description="Passes over the training conversations.")
     batch_size: int = Field(
@@ -62,9 +62,15 @@ class Hyperparameters(_Strict):
     micro_batch_tokens: int | None = Field(
         None,
         ge=64,
+        le=1_048_576,
         description="Token budget of one micro-batch (rows x padded length); default batch_size x max_seq_length.",
     )
-    seed: int = Field(42, ge=0, description="Seed for the data split, shuffling, LoRA init and dropout.")
+    seed: int = Field(
+        42,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed for the data split, shuffling, LoRA init and dropout (0 to 2**32-1).",
+    )
 
 
 class TrainingOptions(_Strict):
@@ -80,7 +86,11 @@ class TrainingOptions(_Strict):
     )
     gradient_checkpointing: bool = Field(True, description="Non-reentrant activation checkpointing.")
     upcast_fp32: bool = Field(
-        False, description="The seed's `prepare_model_for_kbit_training` (fp32 embeddings/head; more memory)."
+        False, description="PEFT's `prepare_model_for_kbit_training` (fp32 embeddings and head; more memory)."
+    )
+    activation_offload: bool = Field(
+        False,
+        description="Keep checkpointed activations in CPU memory instead of on the GPU (longer contexts, slower).",
     )
     liger_kernels: Literal["auto", "on", "off"] = Field(
         "auto", description="Liger fused kernels: `auto` uses them on CUDA when installed."
@@ -89,13 +99,37 @@ class TrainingOptions(_Strict):
         "auto", description="`auto`: paged 8-bit AdamW on CUDA, AdamW on the CPU."
     )
     checkpoint_steps: int = Field(
-        50, ge=1, description="Save a resumable checkpoint every N optimizer steps."
+        50, ge=1, le=1_000_000, description="Save a resumable checkpoint every N optimizer steps."
     )
-    checkpoint_minutes: float = Field(30.0, gt=0, description="... and at least every this many minutes.")
+    checkpoint_minutes: float = Field(
+        30.0, gt=0, le=1440, description="... and at least every this many minutes."
+    )
     eval_steps: int | None = Field(
-        None, ge=1, description="Held-out loss every N steps during training (default: once per epoch)."
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Held-out loss every N steps during training (default: once per epoch).",
     )
-    logging_steps: int = Field(1, ge=1, description="Log train loss every N optimizer steps.")
+    logging_steps: int = Field(1, ge=1, le=10_000, description="Log train loss every N optimizer steps.")
+
+
+class DataOptions(_Strict):
+    """What of the dataset is trained on."""
+
+    max_dropped_target_share: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="Refuse the job (before any weights load) when length limits would drop more than this "
+        "share of the trainable target tokens.",
+    )
+    min_quality_score: float | None = Field(
+        None,
+        ge=0.0,
+        le=10.0,
+        description="Train only target turns whose `training_metadata.quality_score` is at least this "
+        "(lower ones stay as context); off by default.",
+    )
 
 
 class EvaluationOptions(_Strict):
@@ -103,7 +137,7 @@ class EvaluationOptions(_Strict):
 
     eval_fraction: float = Field(0.1, ge=0.0, lt=0.9, description="Share of conversations held out.")
     max_eval_conversations: int = Field(
-        24, ge=0, description="Cap on held-out conversations (bounds eval cost)."
+        24, ge=0, le=10_000, description="Cap on held-out conversations (bounds eval cost)."
     )
     num_samples: int = Field(
         10, ge=0, le=100, description="Held-out prompts generated before and after training."
@@ -123,6 +157,11 @@ class OutputOptions(_Strict):
     )
     merge: bool = Field(
         False, description="Also write the adapter merged into the base in bf16, if memory/disk allow."
+    )
+    keep_checkpoints: bool | None = Field(
+        None,
+        description="Keep the optimizer checkpoints after the job completes (default: the worker's "
+        "KEEP_CHECKPOINTS setting, else removed; adapter, report, result and archive are always kept).",
     )
 
     @field_validator("upload_url")
@@ -161,6 +200,7 @@ class JobSpec(_Strict):
         None, description="Hub revision (branch, tag or commit) of the base model."
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="See below.")
+    data: DataOptions = Field(default_factory=DataOptions, description="See below.")
     training: TrainingOptions = Field(default_factory=TrainingOptions, description="See below.")
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions, description="See below.")
     output: OutputOptions = Field(default_factory=OutputOptions, description="See below.")
@@ -171,7 +211,7 @@ class JobSpec(_Strict):
         24.0, gt=0, le=168, description="Stop with a checkpoint after this long."
     )
     max_cost_usd: float | None = Field(
-        None, gt=0, description="Stop with a checkpoint before the GPU cost passes this."
+        None, gt=0, le=1_000_000, description="Stop with a checkpoint before the GPU cost passes this."
     )
     dry_run: bool = Field(
         False, description="Validate the input and dataset, report the plan, train nothing."
@@ -204,21 +244,10 @@ class JobSpec(_Strict):
 
 
 def _check_url(v: str, *, allow_loopback_http: bool) -> str:
-    url = urlparse(v)
-    if url.scheme == "https" and url.netloc:
-        return v
-    if allow_loopback_http and url.scheme == "http" and _is_loopback(url.hostname):
-        return v  # local endpoint and tests only
-    raise ValueError("must be an https:// URL")
-
-
-def _is_loopback(host: str | None) -> bool:
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host or "").is_loopback
-    except ValueError:
-        return False
+        return check_url(v, allow_loopback_http=allow_loopback_http)
+    except UrlNotAllowed as err:
+        raise ValueError(str(err)) from None
 
 
 _SECRET_KEYS = {"webhook_secret", "hf_token", "wandb_api_key", "runpod_api_key"}
