@@ -21,13 +21,10 @@ import pytest
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
-from lora_worker.runtime.delivery.artifacts import (
-    archive_dir,
-    redact_url,
-    sha256_file,
-    upload_presigned,
-    upload_to_hf_hub,
-)
+from lora_worker.runtime.delivery.archive import archive_dir
+from lora_worker.runtime.delivery.upload import upload_presigned, upload_to_hf_hub
+from lora_worker.runtime.files import sha256_file
+from lora_worker.runtime.net import redact_url
 
 BUCKET = "adapters"
 DENIED_PREFIX = "denied/"

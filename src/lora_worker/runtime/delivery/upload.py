@@ -1,4 +1,4 @@
-"""Packaging and delivery of a job's outputs: a reproducible tar.gz, a presigned-URL upload, a Hub push.
+"""Delivery of a job's archive beyond the volume: a presigned-URL upload and a Hub push.
 
 Delivery failures never raise: they come back as `{"ok": False, "error": ...}` so the caller can
 report them while the adapter stays safe on the volume. Secrets never appear in what is returned
@@ -8,23 +8,19 @@ scrubbed from error text.
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import hashlib
 import logging
-import os
 import re
-import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-CHUNK_BYTES = 1 << 20  # 1 MiB: read size for streaming hashes, keeps memory flat for multi-GB files
-ARCHIVE_MTIME = 0  # seconds since the epoch stamped on every member and the gzip header (reproducibility)
+from lora_worker.runtime.files import digest_file
+from lora_worker.runtime.net import backoff_s as net_backoff_s
+from lora_worker.runtime.net import redact_url, retry_after_s, scrub
 
 # Statuses worth another try: timeouts and throttling (408, 429) and server-side faults (5xx).
 # Other 4xx mean the URL itself is bad (expired, wrong signature, wrong bucket): retrying cannot help.
@@ -33,118 +29,10 @@ MAX_RETRY_AFTER_S = 60.0  # cap on a server's Retry-After, so one header cannot 
 CONNECT_TIMEOUT_S = 30.0  # connecting (and each socket write) to a healthy store takes well under this
 
 _MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
-# Query parameters that carry credentials in presigned URLs (S3/R2 SigV4 and SigV2, GCS V4, Supabase
-# `token`, Azure SAS `sig`); a second line of defence after the whole query string is cut.
-_SECRET_PARAM = re.compile(
-    r"(?i)\b(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|X-Goog-Signature|X-Goog-Credential|"
-    r"Signature|AWSAccessKeyId|token|sig)=[^&\s'\"<>]*"
-)
 
 logger = logging.getLogger(__name__)
 
 Logger = Callable[[str], Any]
-
-
-# --------------------------------------------------------------------------------------------
-# Archive and hashes
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    return _digest_file(path, hashlib.sha256())
-
-
-def md5_file(path: Path) -> str:
-    """Hex MD5 of a file (what S3-style stores put in the ETag of a single-part upload)."""
-    return _digest_file(path, hashlib.md5(usedforsecurity=False))
-
-
-def _digest_file(path: Path, digest: Any) -> str:
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    """Strip what differs between machines and runs (owner, times), keep the permission bits."""
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.mtime = ARCHIVE_MTIME
-    return info
-
-
-def archive_dir(src_dirs: dict[str, Path], archive_path: Path) -> dict:
-    """Write a tar.gz holding each source directory under its arcname, e.g.
-    {"adapter": adapter_dir, "report": report_dir} -> adapter/..., report/....
-
-    Members are added in sorted order with owners and mtimes normalized and no timestamp in the
-    gzip header, so the same inputs give the same bytes (and SHA-256). The archive is written to
-    a temporary name next to `archive_path` and renamed, so a crash never leaves a truncated
-    archive under the final name.
-
-    Returns {"path": str, "sha256": hex, "size_bytes": int}. Raises for a missing source directory
-    or an arcname that is not one plain path segment.
-    """
-    archive_path = Path(archive_path)
-    for arcname, src in src_dirs.items():
-        if not arcname or arcname in (".", "..") or "/" in arcname or "\\" in arcname:
-            raise ValueError(f"arcname must be one plain path segment, got {arcname!r}")
-        if not Path(src).is_dir():
-            raise FileNotFoundError(f"archive source for {arcname!r} is not a directory: {src}")
-    archive_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = archive_path.with_name(f".{archive_path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as raw:
-            # filename="" and mtime=0 keep the gzip header free of the temp name and the clock.
-            # Level 6 (gzip's own default): safetensors weights barely compress, and level 9 costs
-            # several times the CPU for a fraction of a percent on them.
-            with gzip.GzipFile(
-                filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=ARCHIVE_MTIME
-            ) as gz:
-                with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                    for arcname in sorted(src_dirs):
-                        _add_tree(tar, Path(src_dirs[arcname]), arcname)
-        os.replace(tmp, archive_path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return {
-        "path": str(archive_path),
-        "sha256": sha256_file(archive_path),
-        "size_bytes": archive_path.stat().st_size,
-    }
-
-
-def _add_tree(tar: tarfile.TarFile, root: Path, arcname: str) -> None:
-    """Add `root` as `arcname/` and everything below it, depth-first in sorted name order.
-    Symlinks are stored as links (not followed), so nothing outside `root` leaks in."""
-    tar.add(root, arcname=arcname, recursive=False, filter=_normalize)
-    for child in sorted(root.iterdir(), key=lambda p: p.name):
-        member = f"{arcname}/{child.name}"
-        if child.is_dir() and not child.is_symlink():
-            _add_tree(tar, child, member)
-        else:
-            tar.add(child, arcname=member, recursive=False, filter=_normalize)
-
-
-# --------------------------------------------------------------------------------------------
-# Presigned upload
-
-
-def redact_url(url: str) -> str:
-    """The URL without query string or fragment: presigned URLs carry their signature there."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
-
-
-def _scrub(text: str, url: str) -> str:
-    """Error text safe to return or log: the URL's query string (whole or as it appears inside
-    exception messages, e.g. urllib3's "Max retries exceeded with url: /key?X-Amz-...") removed."""
-    query = urlsplit(url).query
-    if query:
-        text = text.replace(query, "<redacted>")
-    return _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=<redacted>", text)
 
 
 def _s3_error(body: str) -> str:
@@ -176,14 +64,6 @@ def _explain_client_error(status: int, detail: str) -> str:
     else:
         hint = "the store rejected the upload"
     return f"HTTP {status}: {hint}" + (f" ({detail})" if detail else "") + "; not retried"
-
-
-def _retry_after_s(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After", "").strip()
-    try:
-        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
-    except ValueError:
-        return None  # absent, or an HTTP date: fall back to our own backoff
 
 
 def upload_presigned(
@@ -267,7 +147,7 @@ def upload_presigned(
                         "aws:kms"
                     ) or bool(response.headers.get("x-amz-server-side-encryption-customer-algorithm"))
                     if match and not encrypted:
-                        md5 = md5 or md5_file(path)
+                        md5 = md5 or digest_file(path, hashlib.md5(usedforsecurity=False))
                         if match.group(1).lower() != md5:
                             result["etag_verified"] = False
                             raise _IntegrityError(
@@ -277,10 +157,11 @@ def upload_presigned(
                     result.update(ok=True, error=None)
                     emit(f"uploaded {size:,} bytes to {safe_url} (attempt {attempt}, HTTP {status})")
                     return result
-                detail = _scrub(_s3_error(response.content[:4000].decode("utf-8", "replace")), url)
+                detail = scrub(_s3_error(response.content[:4000].decode("utf-8", "replace")), url)
                 if status in RETRY_STATUSES or status >= 500:
                     result["error"] = f"HTTP {status}" + (f" ({detail})" if detail else "")
-                    retry_after = _retry_after_s(response)
+                    wait = retry_after_s(response.headers.get("Retry-After"), time.time())
+                    retry_after = None if wait is None else min(wait, MAX_RETRY_AFTER_S)
                 else:
                     result["error"] = _explain_client_error(status, detail)
                     emit(f"upload to {safe_url} failed: {result['error']}")
@@ -288,16 +169,20 @@ def upload_presigned(
         except _IntegrityError as exc:
             result["error"] = str(exc)
         except requests.RequestException as exc:
-            result["error"] = f"{type(exc).__name__}: {_scrub(str(exc), url)}"
+            result["error"] = f"{type(exc).__name__}: {scrub(str(exc), url)}"
         except OSError as exc:
             if not path.is_file():  # the archive vanished mid-way: nothing left to retry with
                 result["error"] = f"cannot read archive {path}: {exc.strerror or exc}"
                 return result
             # A socket error that escaped requests' wrapping: transient like any connection error.
-            result["error"] = f"{type(exc).__name__}: {_scrub(str(exc), url)}"
+            result["error"] = f"{type(exc).__name__}: {scrub(str(exc), url)}"
 
         if attempt < attempts:
-            delay = retry_after if retry_after is not None else backoff_s * 2 ** (attempt - 1)
+            delay = (
+                retry_after
+                if retry_after is not None
+                else net_backoff_s(attempt, backoff_s, MAX_RETRY_AFTER_S)
+            )
             emit(
                 f"upload to {safe_url} attempt {attempt}/{attempts} failed ({result['error']}); "
                 f"retrying in {delay:.1f} s"
@@ -313,10 +198,6 @@ class _IntegrityError(Exception):
 
 # --------------------------------------------------------------------------------------------
 # Hugging Face Hub
-
-
-def _scrub_token(text: str, token: str) -> str:
-    return text.replace(token, "<redacted>") if token else text
 
 
 def upload_to_hf_hub(
@@ -361,6 +242,6 @@ def upload_to_hf_hub(
         logger.info("pushed %s to the Hub as %s (commit %s)", folder, repo_id, result["commit"])
     except Exception as exc:  # any Hub/client failure becomes a reported result, never a crash
         message = f"{type(exc).__name__}: {exc}".strip()
-        result["error"] = _scrub_token(message, token)[:2000]
+        result["error"] = scrub(message, token)[:2000]
         logger.warning("Hub upload of %s failed: %s", repo_id, result["error"])
     return result
