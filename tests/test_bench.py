@@ -9,24 +9,18 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lora_worker.tools.bench import bench
-from lora_worker.tools.bench.bench import (
-    SHAPES,
-    RunSpec,
-    attach_ratios,
-    find_max_budget,
-    mfu,
-    parse_runs,
-    peak_flops,
-    plan_runs,
-    project_seconds,
-    step_stats,
-)
+from lora_worker.runtime.gpu_rates import GPU_RATES
+from lora_worker.tools.bench import child, cli, runner
+from lora_worker.tools.bench.projection import project_seconds
+from lora_worker.tools.bench.record import attach_ratios, step_stats
+from lora_worker.tools.bench.runner import find_max_budget
+from lora_worker.tools.bench.shapes import SHAPES, RunSpec, mfu, parse_runs, peak_flops, plan_runs
 
 # ----------------------------------------------------------------------------- FLOPs and MFU
 
@@ -130,7 +124,7 @@ def test_job_projection_arithmetic():
 
 def test_project_job_on_the_sample_dataset(capsys):
     sample = Path(__file__).resolve().parents[1] / "examples" / "brightrun-sample-24.json"
-    assert bench.main(["--project-job", "--dataset", str(sample), "--tokens-per-s", "1000"]) == 0
+    assert cli.main(["--project-job", "--dataset", str(sample), "--tokens-per-s", "1000"]) == 0
     doc = json.loads(capsys.readouterr().out)
     side = doc["dataset_side"]
     assert (
@@ -139,6 +133,51 @@ def test_project_job_on_the_sample_dataset(capsys):
     p = doc["projections"]["given"]
     assert p["train_seconds"] == pytest.approx(side["padded_tokens_per_epoch"] * 3 / 1000.0, abs=0.1)
     assert any("tiny offline tokenizer" in n for n in doc["notes"])
+
+
+def test_project_job_without_a_rate_uses_the_per_gpu_table(capsys):
+    sample = Path(__file__).resolve().parents[1] / "examples" / "brightrun-sample-24.json"
+    assert cli.main(["--project-job", "--dataset", str(sample)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    padded = doc["dataset_side"]["padded_tokens_per_epoch"]
+    eighty = {g.label: g for g in GPU_RATES if g.memory_gb >= 80}
+    assert set(doc["projections"]) == set(eighty)  # every card that holds a 70B job, no smaller one
+    for label, p in doc["projections"].items():
+        gpu = eighty[label]
+        assert p["basis"] == gpu.basis == "estimated" and p["source"] == gpu.source
+        assert p["train_seconds"] == pytest.approx(padded * 3 / gpu.tokens_per_s, abs=0.1)
+    # The A100's lower bf16 peak makes the same job about 3x longer than on the H100 SXM.
+    ratio = doc["projections"]["A100 80GB"]["train_seconds"] / doc["projections"]["H100 SXM"]["train_seconds"]
+    assert ratio == pytest.approx(989 / 312, rel=0.01)
+
+
+def test_project_job_off_the_table_shape_says_so(capsys):
+    sample = Path(__file__).resolve().parents[1] / "examples" / "brightrun-sample-24.json"
+    assert cli.main(["--project-job", "--dataset", str(sample), "--max-seq-length", "1024"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert any("4 x 2048" in n for n in doc["notes"])
+
+
+def test_the_default_memory_cap_stands_for_an_80_gb_h100():
+    assert cli.build_parser().parse_args([]).cap_gib == 78.0
+
+
+def test_the_parent_process_never_imports_bitsandbytes():
+    """bitsandbytes opens a CUDA context on import; the parent must leave the GPU to its children."""
+    code = (
+        "import sys; import lora_worker.tools.bench.cli, lora_worker.tools.bench.runner; "
+        "print(sorted(m for m in ('bitsandbytes', 'peft') if m in sys.modules))"
+    )
+    src = str(Path(cli.__file__).resolve().parents[3])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": src},
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
 
 
 # ----------------------------------------------------------------------------- failure records
@@ -154,7 +193,7 @@ def _fake_python(tmp_path: Path, body: str) -> str:
 def test_a_crashed_child_is_recorded_with_its_output(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "executable", _fake_python(tmp_path, "echo 'Segmentation fault' >&2; exit 139"))
     cfg = {"recipe": "project", "rows": 1, "seq": 2048}
-    rec = bench.run_subprocess(cfg, timeout_s=30)
+    rec = runner.run_subprocess(cfg, timeout_s=30)
     assert rec["ok"] is False and rec["oom"] is False
     assert rec["returncode"] == 139 and "Segmentation fault" in rec["log_tail"]
 
@@ -162,7 +201,7 @@ def test_a_crashed_child_is_recorded_with_its_output(tmp_path, monkeypatch):
 def test_an_uncaught_oom_in_the_child_is_still_an_oom(tmp_path, monkeypatch):
     body = "echo 'torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB'; exit 1"
     monkeypatch.setattr(sys, "executable", _fake_python(tmp_path, body))
-    rec = bench.run_subprocess({"recipe": "seed", "rows": 4, "seq": 2048}, timeout_s=30)
+    rec = runner.run_subprocess({"recipe": "seed", "rows": 4, "seq": 2048}, timeout_s=30)
     assert rec["oom"] is True and rec["budget"] == 8192
 
 
@@ -180,16 +219,16 @@ def test_out_of_memory_inside_a_run_is_a_result_not_a_crash(monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.75 GiB")
 
-    monkeypatch.setattr(bench, "build_nf4_model", oom)
-    rec = bench.run_one(_tiny_cfg())
+    monkeypatch.setattr(child, "build_nf4_model", oom)
+    rec = child.run_one(_tiny_cfg())
     assert rec["oom"] is True and rec["ok"] is False and rec["failed_phase"] == "build"
     assert "error" not in rec and "1.75 GiB" in rec["oom_message"]
 
     def broken(*a, **k):
         raise ValueError("some other failure")
 
-    monkeypatch.setattr(bench, "build_nf4_model", broken)
-    rec = bench.run_one(_tiny_cfg())
+    monkeypatch.setattr(child, "build_nf4_model", broken)
+    rec = child.run_one(_tiny_cfg())
     assert rec["oom"] is False and "ValueError: some other failure" in rec["error"]
     assert "Traceback" in rec["traceback_tail"]
 
@@ -199,13 +238,13 @@ def test_the_70b_shape_is_refused_on_the_cpu():
 
     if torch.cuda.is_available():
         pytest.skip("CPU-only guard")
-    rec = bench.run_one(_tiny_cfg(shape={**SHAPES["70b"].__dict__}))
+    rec = child.run_one(_tiny_cfg(shape={**SHAPES["70b"].__dict__}))
     assert rec["ok"] is False and "needs a GPU" in rec["error"]
 
 
 def test_a_hung_child_times_out(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "executable", _fake_python(tmp_path, "exec sleep 30"))
-    rec = bench.run_subprocess({"recipe": "seed", "rows": 1, "seq": 2048}, timeout_s=1)
+    rec = runner.run_subprocess({"recipe": "seed", "rows": 1, "seq": 2048}, timeout_s=1)
     assert rec["returncode"] is None and "timed out" in rec["error"]
 
 
@@ -229,7 +268,7 @@ def test_tiny_bench_end_to_end_on_the_cpu(tmp_path):
         "--out",
         str(out),
     ]
-    assert bench.main(argv) == 0
+    assert cli.main(argv) == 0
     doc = json.loads(out.read_text())
     assert doc["complete"] and doc["device"] == "cpu" and doc["timing_claims"] is False
     assert {r["recipe"] for r in doc["results"]} == {"project", "packed", "seed"}
@@ -259,7 +298,7 @@ def test_two_layer_70b_width_on_cuda_records_peak_memory(tmp_path):
         pytest.skip("needs a CUDA GPU")
     out = tmp_path / "gpu.json"
     argv = ["--shape", "70b", "--layers", "2", "--configs", "seed:1x2048,project:1x2048", "--steps", "3"]
-    assert bench.main([*argv, "--out", str(out)]) == 0
+    assert cli.main([*argv, "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["device"] == "cuda" and doc["timing_claims"] is True and doc["versions"]["cuda"]
     for r in doc["results"]:
