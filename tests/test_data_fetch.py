@@ -11,7 +11,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from conftest import SAMPLE
 
-from lora_worker.runtime.data import DatasetError, DatasetFetchError, fetch_dataset, load_dataset
+from lora_worker.runtime.data import (
+    DatasetError,
+    DatasetFetchError,
+    PreprocessingCancelled,
+    fetch_dataset,
+    load_dataset,
+)
 
 BODY = SAMPLE.read_bytes()
 
@@ -163,7 +169,7 @@ def test_http_error_names_the_url_without_its_query(server, tmp_path):
 
 
 def test_cancel_stops_a_download(server, tmp_path):
-    with pytest.raises(DatasetFetchError, match="cancelled"):
+    with pytest.raises(PreprocessingCancelled, match="downloading cancelled after 0 of 10000 bytes"):
         fetch_dataset(url=f"{server.url}/trickle", dest_dir=tmp_path / "dl", should_stop=lambda: True)
     assert leftovers(tmp_path / "dl") == []
 

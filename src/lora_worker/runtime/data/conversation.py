@@ -28,11 +28,11 @@ class DatasetError(ValueError):
 
 
 class PreprocessingCancelled(Exception):
-    """Loading or tokenizing stopped because the caller's `should_stop()` returned True."""
+    """Downloading, loading or tokenizing stopped because the caller's `should_stop()` returned True."""
 
-    def __init__(self, stage: str, done: int, total: int):
+    def __init__(self, stage: str, done: int, total: int, unit: str = "conversations"):
         self.stage, self.done, self.total = stage, done, total
-        super().__init__(f"{stage} cancelled after {done} of {total} conversations")
+        super().__init__(f"{stage} cancelled after {done} of {total or 'an unknown number of'} {unit}")
 
 
 @dataclass(frozen=True)

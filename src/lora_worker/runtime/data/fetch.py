@@ -24,7 +24,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3
 
-from lora_worker.runtime.data.conversation import DatasetError
+from lora_worker.runtime.data.conversation import DatasetError, PreprocessingCancelled
 from lora_worker.runtime.data.hooks import OnProgress, ShouldStop
 from lora_worker.runtime.files import DiskSpaceError, require_free_space, sha256_file
 from lora_worker.runtime.net import UrlNotAllowed, check_url, is_loopback, redact_url, scrub
@@ -69,7 +69,8 @@ def fetch_dataset(
     should_stop: ShouldStop | None = None,
 ) -> FetchedDataset:
     """The dataset file from exactly one of `url` (downloaded into `dest_dir`) and `path` (a
-    relative path is also looked up under `volume_dir`). Raises DatasetFetchError."""
+    relative path is also looked up under `volume_dir`). Raises DatasetFetchError, or
+    PreprocessingCancelled when `should_stop()` turns True during a download."""
     if (url is None) == (path is None):
         raise DatasetFetchError("dataset_url, dataset_path", "give exactly one of them")
     if path is not None:
@@ -185,7 +186,7 @@ def _stream(
     while True:
         deadline.left()
         if should_stop is not None and should_stop():
-            raise DatasetFetchError("dataset_url", "download cancelled")
+            raise PreprocessingCancelled("downloading", size, total, unit="bytes")
         chunk = response.raw.read1(READ_BYTES, decode_content=True)
         if not chunk:
             return digest.hexdigest(), size
