@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lora_worker.tools.tiny_model",
         "write the tiny offline Llama-architecture model used by tests and the demo",
     ),
-    "validate": ("lora_worker.runtime.data.formats", "validate a dataset file and print its summary"),
+    "validate": ("lora_worker.tools.validate", "validate a dataset file and print its summary"),
     "run": ("lora_worker.runtime.job", "run one job from a JSON input file, without the RunPod queue"),
     "bench": ("lora_worker.tools.bench.bench", "measure 70B-shaped QLoRA throughput and memory on the GPU"),
     "deploy": ("lora_worker.tools.deploy", "create or update the RunPod template and scale-to-zero endpoint"),
