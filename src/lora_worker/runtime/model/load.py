@@ -1,8 +1,13 @@
-"""Load the base model in 4-bit NF4 and wrap it with LoRA adapters.
+"""Load the tokenizer and the base model in 4-bit NF4, and wrap it with LoRA adapters.
+
+Nothing here runs code from a model repository: every `from_pretrained` passes
+`trust_remote_code=False`, and a folder whose config or tokenizer config names custom code
+(`auto_map`) is refused before transformers reads it (transformers would otherwise quietly load a
+stock class in place of the custom one, or ask on stdin).
 
 The choices that cost or save memory are explicit arguments (each measured in BENCHMARKS.md):
 - no fp32 up-cast of the frozen embeddings and LM head (PEFT's `prepare_model_for_kbit_training`
-  does it; `upcast_fp32=True` restores the seed's recipe);
+  does it; `upcast_fp32=True` restores that recipe);
 - non-reentrant gradient checkpointing;
 - Liger fused kernels (fused linear cross-entropy never materialises the 128K-vocab logits) on CUDA.
 """
@@ -10,26 +15,23 @@ The choices that cost or save memory are explicit arguments (each measured in BE
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from lora_worker.runtime.device import detect_device, free_accelerator_memory
+from lora_worker.runtime.model.layout import require_no_custom_code
 
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def device_info() -> tuple[str, str]:
-    """('cuda', card name) or ('cpu', 'cpu')."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda", torch.cuda.get_device_name(0)
-    return "cpu", "cpu"
-
-
-def quantization_config():
-    import torch
-    from transformers import BitsAndBytesConfig
-
+def quantization_config() -> BitsAndBytesConfig:
+    """The one NF4 config: the loader uses it and the NF4 copy on the volume is keyed by it."""
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -40,20 +42,21 @@ def quantization_config():
     )
 
 
-QUANT_SETTINGS = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "skip": ["lm_head"]}
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder (config/tokenizer-only folders work), without custom code."""
+    require_no_custom_code(Path(path), f"the model folder {path}")
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def load_base_model(path: str | Path, *, prequantized: bool = False):
     """The base model in NF4 (or a saved NF4 copy), frozen, on the GPU if there is one."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    device, _ = device_info()
+    require_no_custom_code(Path(path), f"the model folder {path}")
+    on_cuda = detect_device().is_cuda
     kwargs = {} if prequantized else {"quantization_config": quantization_config()}
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=torch.bfloat16,
-        device_map={"": 0 if device == "cuda" else "cpu"},
+        device_map={"": 0 if on_cuda else "cpu"},
         attn_implementation="sdpa",
         trust_remote_code=False,  # never run code from a model repository
         low_cpu_mem_usage=True,
@@ -77,12 +80,8 @@ def add_lora(
     liger: str = "auto",
 ):
     """Wrap a frozen 4-bit model with LoRA on all seven projections; returns (peft_model, liger_used)."""
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    device, _ = device_info()
     liger_used = False
-    if liger == "on" or (liger == "auto" and device == "cuda"):
+    if liger == "on" or (liger == "auto" and detect_device().is_cuda):
         try:
             from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -121,20 +120,6 @@ def count_params(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
-def free_memory() -> None:
-    """Collect what the caller has let go of and hand cached GPU memory back to the driver.
-
-    Callers drop their own references first (a reference held here would keep the model alive).
-    """
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def weights_bytes(model_dir: Path) -> int:
@@ -176,12 +161,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     The merge uses the original bf16 weights, not the NF4 copy: merging into dequantized NF4
     weights would bake the quantization error into the released model.
     """
-    import shutil
-
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    require_no_custom_code(Path(base_dir), f"the model folder {base_dir}")
     base = AutoModelForCausalLM.from_pretrained(
         base_dir,
         dtype=torch.bfloat16,
@@ -193,9 +173,9 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=False).save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     del base, merged
-    free_memory()
+    free_accelerator_memory()
     return out_dir
