@@ -7,7 +7,9 @@ import hashlib
 import hmac
 import json
 import logging
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,15 +18,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from lora_worker.runtime.events.signing import js_number
 from lora_worker.runtime.events.webhooks import (
     WebhookSender,
     WebhookVerificationError,
-    backoff_s,
     encode_event,
-    retry_after_s,
     sign_headers,
     verify,
 )
+from lora_worker.runtime.net import backoff_s, retry_after_s
 
 WHSEC = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 RAW = "plain dashboard secret"
@@ -41,6 +43,11 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    arrived: float  # unix seconds on the receiver's clock when the request came in
+
+    def verify(self, secret: str) -> None:
+        """Check the signatures as a receiver does: against the time the request arrived."""
+        verify(secret, self.headers, self.body, now=self.arrived)
 
     @property
     def event(self) -> dict:
@@ -62,18 +69,23 @@ class Receiver:
 
 
 @pytest.fixture
-def receiver() -> Iterator[Callable[[Responder], Receiver]]:
-    """Start a ThreadingHTTPServer on 127.0.0.1 that records every POST and answers via a responder."""
+def receiver() -> Iterator[Callable[..., Receiver]]:
+    """Start a ThreadingHTTPServer on 127.0.0.1 that records every POST and answers via a responder.
+
+    `clock` (unix seconds) stamps each request's arrival: the real clock, or the test's fake one
+    when the sender's clock is fake too. `port` reuses a port (a receiver coming back).
+    """
     servers: list[tuple[ThreadingHTTPServer, Receiver]] = []
 
-    def start(responder: Responder) -> Receiver:
+    def start(responder: Responder, *, clock: Callable[[], float] = time.time, port: int = 0) -> Receiver:
         lock = threading.Lock()
         rec: Receiver
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                arrived = clock()
                 length = int(self.headers.get("Content-Length", 0))
-                got = Received(self.path, dict(self.headers.items()), self.rfile.read(length))
+                got = Received(self.path, dict(self.headers.items()), self.rfile.read(length), arrived)
                 with lock:
                     rec.requests.append(got)
                 status, extra = responder(got)
@@ -89,7 +101,7 @@ def receiver() -> Iterator[Callable[[Responder], Receiver]]:
             def log_message(self, *args: object) -> None:  # keep test output quiet
                 pass
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         rec = Receiver(
             url=f"http://127.0.0.1:{server.server_address[1]}/api/training/webhook?token=qs-credential"
         )
@@ -152,22 +164,31 @@ def test_standard_webhooks_spec_vector() -> None:
     assert headers["webhook-timestamp"] == "1614265330"
 
 
+# The vector published in docs/webhooks.md for dashboard implementers: a real training event.
+DOCS_BODY = (
+    b'{"cost_usd":0.59,"eta_seconds":1830.5,"evaluation":{"eval_loss":1.3125,"eval_loss_before":1.5,'
+    b'"step":40},"gpu_seconds":512.3,"job_id":"3f2b8c1e-9a4d-4c7b-8e6f-1a2b3c4d5e6f",'
+    b'"message":"training: step 40/200, loss 1.2340","metrics":{"epoch":0.6,"grad_norm":0.87,'
+    b'"learning_rate":0.0002,"loss":1.234},"percent":20,"sequence":17,"stage":"training",'
+    b'"status":"training","step":40,"timestamp":"2025-01-01T00:00:00.250Z","tokens_seen":327680,'
+    b'"total_steps":200}'
+)
+
+
 def test_docs_example_vector() -> None:
-    # The vector published in docs/webhooks.md for dashboard implementers.
-    body = (
-        b'{"cost_usd":0.59,"epoch":0.6,"error_message":null,"eta_seconds":1830.5,"gpu_seconds":512.3,'
-        b'"job_id":"job-123","lora_artifact_path":null,"metrics":{"eval_loss":null,"grad_norm":0.87,'
-        b'"learning_rate":0.0002,"loss":1.234},"output":null,"percent":20.0,"sequence":17,"status":"training",'
-        b'"step":40,"timestamp":"2025-01-01T00:00:00.250+00:00","tokens_seen":327680,"total_steps":200}'
-    )
-    event = json.loads(body)
-    assert encode_event(event) == body
+    from lora_worker.runtime.events.event import ProgressEvent
+
+    event = ProgressEvent.model_validate(json.loads(DOCS_BODY))  # it is a valid event
+    assert encode_event(event.to_wire()) == DOCS_BODY
     headers = sign_headers(
-        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_2b1f0c5e9d8a4c7b9e6f1a2b3c4d5e6f", 1735689601, body
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "msg_2b1f0c5e9d8a4c7b9e6f1a2b3c4d5e6f",
+        1735689601,
+        DOCS_BODY,
     )
-    assert headers["webhook-signature"] == "v1,2Zi46gB9vmM05v9rjF85EObfPM51KiIv+NfdGoadZzQ="
+    assert headers["webhook-signature"] == "v1,O4PIa96pk8BKPbzXcuWUl8QqDcu2P7ZFOe6GDxoweRE="
     assert (
-        headers["X-Webhook-Signature"] == "4a7fda11ab4b260a09c2c542a88754f686e30a02307aa04f8a1d09067578e1bb"
+        headers["X-Webhook-Signature"] == "a1c215bc84bd8794f9bcc93d77b6bb88b420053764eabccf85c033b546ba6464"
     )
 
 
@@ -255,6 +276,49 @@ def test_encode_event_is_compact_sorted_and_strict_json() -> None:
     assert body == b'{"metrics":{"grad_norm":1.5,"loss":null},"status":"training","step":3}'
 
 
+@pytest.mark.parametrize(
+    ("value", "js"),
+    [
+        (100.0, "100"),
+        (20.0, "20"),
+        (1e-05, "0.00001"),
+        (2e-4, "0.0002"),
+        (1.5e-7, "1.5e-7"),
+        (1e21, "1e+21"),
+        (1.2345678901234568e20, "123456789012345680000"),
+        (0.1, "0.1"),
+        (-0.0, "0"),
+        (-3.25, "-3.25"),
+        (5e-324, "5e-324"),
+    ],
+)
+def test_numbers_are_written_as_javascript_writes_them(value: float, js: str) -> None:
+    assert js_number(value) == js
+
+
+# Strings, keys and numbers where Python's json.dumps and JSON.stringify differ.
+AWKWARD = {
+    "message": 'caf\u00e9 \u2028 "quoted" \\ tab\t nul\u0000 \u007f \U0001f600',
+    "metrics": {"learning_rate": 1e-05, "loss": 100.0, "grad_norm": 1.5e-7},
+    "dataset": {"10": 1, "2": 2, "b": 3, "a": 4, "01": 5},
+    "tokens_seen": 2**40,
+}
+
+
+def test_body_is_what_javascript_writes_back_for_the_parsed_payload() -> None:
+    body = encode_event(AWKWARD)
+    # integer-like keys first in numeric order, as JSON.parse orders them; UTF-8, not \u escapes
+    assert body.index(b'"2":2') < body.index(b'"10":1') < body.index(b'"01":5') < body.index(b'"a":4')
+    assert "café".encode() in body and b"\\u00e9" not in body
+    assert b'"loss":100}' in body and b'"learning_rate":0.00001' in body
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the byte-for-byte check against JSON.stringify needs it")
+    script = "let s='';process.stdin.on('data',d=>s+=d).on('end',()=>process.stdout.write(JSON.stringify(JSON.parse(s))))"
+    out = subprocess.run([node, "-e", script], input=body, capture_output=True, timeout=60, check=True)
+    assert out.stdout == body  # so an HMAC of JSON.stringify(payload) matches one of the raw body
+
+
 def test_retry_after_and_backoff() -> None:
     assert retry_after_s("7", NOW) == 7.0
     assert retry_after_s("Tue, 14 Nov 2023 22:13:30 GMT", NOW) == pytest.approx(10.0)  # NOW is 22:13:20
@@ -268,8 +332,8 @@ def test_retry_after_and_backoff() -> None:
 
 
 def test_final_event_retried_through_500s_with_stable_id_and_fresh_signatures(receiver) -> None:
-    rec = receiver(scripted(500, 500))
     fake = FakeTime()
+    rec = receiver(scripted(500, 500), clock=fake.clock)
     sender = WebhookSender(rec.url, WHSEC, final_backoff_s=0.05, sleep=fake.sleep, clock=fake.clock)
     msg_id = sender.send({"job_id": "j1", "status": "completed", "sequence": 9}, kind="final")
     assert sender.close(timeout_s=10)
@@ -282,26 +346,28 @@ def test_final_event_retried_through_500s_with_stable_id_and_fresh_signatures(re
     for r in rec.requests:
         assert r.headers["Content-Type"] == "application/json"
         assert r.path == "/api/training/webhook?token=qs-credential"
-        verify(WHSEC, r.headers, r.body, now=int(r.headers["webhook-timestamp"]))
+        r.verify(WHSEC)
         assert r.event == {"job_id": "j1", "status": "completed", "sequence": 9}
     assert sender.stats() == {"delivered": 1, "failed": 0, "dropped": 0}
 
 
 def test_restamped_on_each_attempt(receiver) -> None:
-    rec = receiver(scripted(503))
     fake = FakeTime()
+    rec = receiver(scripted(503), clock=fake.clock)
     sender = WebhookSender(
         rec.url, RAW, final_backoff_s=400, max_backoff_s=400, sleep=fake.sleep, clock=fake.clock
     )
     sender.send({"status": "training"}, kind="stage")
     assert sender.close(timeout_s=10)
     first, second = rec.requests
+    assert (first.arrived, second.arrived) == (NOW, NOW + 400)
     assert int(second.headers["webhook-timestamp"]) == NOW + 400
     assert first.headers["webhook-signature"] != second.headers["webhook-signature"]
-    # The retry is valid now even though the first attempt's stamp has left the 300 s window.
-    verify(RAW, second.headers, second.body, now=NOW + 400)
+    # Each attempt verifies when it arrives, although the first one's stamp is stale by the second's.
+    first.verify(RAW)
+    second.verify(RAW)
     with pytest.raises(WebhookVerificationError):
-        verify(RAW, first.headers, first.body, now=NOW + 400)
+        verify(RAW, first.headers, first.body, now=second.arrived)
 
 
 def test_400_is_not_retried(receiver) -> None:
@@ -411,12 +477,129 @@ def test_events_arrive_in_order_despite_retries(receiver) -> None:
 
     rec = receiver(flaky)
     sender = WebhookSender(rec.url, RAW, final_backoff_s=0.01)
-    for seq in range(12):
+    for seq in range(11):
         sender.send({"status": "training", "sequence": seq}, kind="stage")
+    sender.send({"status": "completed", "sequence": 11}, kind="final")
     assert sender.close(timeout_s=10)
-    delivered = [e["sequence"] for e in rec.events()]
-    assert [s for i, s in enumerate(delivered) if i == 0 or s != delivered[i - 1]] == list(range(12))
-    assert sender.stats() == {"delivered": 12, "failed": 0, "dropped": 0}
+    arrivals = [e["sequence"] for e in rec.events()]
+    assert arrivals == sorted(arrivals)  # a retry repeats an event, never goes back past a newer one
+    delivered = sorted(set(arrivals) - {s for s in seen if arrivals.count(s) == 1})
+    # a failed stage event is retried unless a newer stage event already waits (then dropped)
+    assert set(range(12)) - set(delivered) <= {1, 5, 9} and delivered[-1] == 11
+    stats = sender.stats()
+    assert stats["failed"] == 0 and stats["delivered"] + stats["dropped"] == 12
+    assert stats["dropped"] == 12 - len(delivered)
+
+
+# --------------------------------------------------------------------------------------------
+# Never starved: a receiver that is down must not keep the newest state from it
+
+
+def _stage_events() -> list[tuple[dict, str]]:
+    return [
+        ({"job_id": "j", "stage": "queued", "status": "queued", "sequence": 1}, "stage"),
+        ({"job_id": "j", "stage": "preprocessing", "status": "preprocessing", "sequence": 2}, "stage"),
+        ({"job_id": "j", "stage": "training", "status": "training", "sequence": 3, "step": 1}, "progress"),
+        ({"job_id": "j", "stage": "evaluating", "status": "training", "sequence": 4}, "stage"),
+        ({"job_id": "j", "stage": "completed", "status": "completed", "sequence": 5}, "final"),
+    ]
+
+
+def test_a_receiver_that_was_down_still_gets_the_final_event(receiver) -> None:
+    """Connection refused for every event until the receiver comes back on its port."""
+    port = _free_port()  # nothing listens here yet: connections are refused
+    fake = FakeTime()
+    all_queued = threading.Event()
+    back: list[Receiver] = []
+
+    def clock() -> float:  # the first attempt waits until the job's events are all queued
+        all_queued.wait(10)
+        return fake.clock()
+
+    def sleep(seconds: float) -> None:  # time passes: the receiver comes back
+        fake.sleep(seconds)
+        if not back:
+            back.append(receiver(always(200), clock=fake.clock, port=port))
+
+    sender = WebhookSender(f"http://127.0.0.1:{port}/api/training/webhook", WHSEC, sleep=sleep, clock=clock)
+    for event, kind in _stage_events():
+        sender.send(event, kind=kind)
+    all_queued.set()
+    assert sender.close(timeout_s=30)
+
+    (rec,) = back
+    assert [r.event["stage"] for r in rec.requests] == ["completed"]
+    rec.requests[0].verify(WHSEC)
+    # queued, preprocessing and evaluating each failed once and stepped aside; the progress event
+    # was superseded before its first attempt; the final event kept retrying until it got through.
+    assert sender.stats() == {"delivered": 1, "failed": 0, "dropped": 4}
+    assert len(fake.sleeps) == 1
+
+
+def test_503_stage_events_step_aside_and_the_final_event_keeps_its_retries(receiver) -> None:
+    fake = FakeTime()
+    rec = receiver(scripted(*[503] * 7), clock=fake.clock)
+    all_queued = threading.Event()
+
+    def clock() -> float:
+        all_queued.wait(10)
+        return fake.clock()
+
+    sender = WebhookSender(rec.url, RAW, final_attempts=5, sleep=fake.sleep, clock=clock)
+    for event, kind in _stage_events():
+        sender.send(event, kind=kind)
+    all_queued.set()
+    assert sender.close(timeout_s=30)
+
+    stages = [r.event["stage"] for r in rec.requests]
+    assert stages == ["queued", "preprocessing", "evaluating", "completed", "completed", "completed",
+                      "completed", "completed"]  # fmt: skip
+    for r in rec.requests:
+        r.verify(RAW)  # each attempt verifies at the time it arrived on the (fake) clock
+    assert sender.stats() == {"delivered": 1, "failed": 0, "dropped": 3 + 1}
+    assert fake.sleeps == [2.0, 4.0, 8.0, 16.0]  # the final event's own backoff, from its first try
+
+
+def test_a_failing_stage_event_keeps_retrying_while_only_progress_waits(receiver) -> None:
+    fake = FakeTime()
+    rec = receiver(scripted(503, 503), clock=fake.clock)
+    all_queued = threading.Event()
+
+    def clock() -> float:
+        all_queued.wait(10)
+        return fake.clock()
+
+    sender = WebhookSender(rec.url, RAW, sleep=fake.sleep, clock=clock)
+    sender.send({"stage": "preprocessing", "sequence": 1, "dataset": {"conversations": 24}}, kind="stage")
+    sender.send({"stage": "training", "sequence": 2, "step": 1}, kind="progress")
+    all_queued.set()
+    assert sender.close(timeout_s=30)
+    assert [r.event["sequence"] for r in rec.requests] == [1, 1, 1, 2]
+    assert sender.stats() == {"delivered": 2, "failed": 0, "dropped": 0}
+
+
+def test_a_waiting_retry_wakes_when_a_newer_stage_event_arrives(receiver) -> None:
+    """With the real sleep: a stage event waiting a 60 s backoff steps aside at once for the final one."""
+    first_failed = threading.Event()
+
+    def respond(req: Received) -> tuple[int, dict[str, str]]:
+        if req.event["stage"] == "queued":
+            first_failed.set()
+            return 503, {}
+        return 200, {}
+
+    rec = receiver(respond)
+    sender = WebhookSender(rec.url, RAW, final_backoff_s=60, max_backoff_s=60)
+    sender.send({"stage": "queued", "sequence": 1}, kind="stage")
+    assert first_failed.wait(10)
+    started = time.monotonic()
+    sender.send({"stage": "completed", "sequence": 2}, kind="final")
+    assert sender.close(timeout_s=30)
+    assert time.monotonic() - started < 20  # far less than the 60 s backoff, even on a busy machine
+    assert [r.event["stage"] for r in rec.requests] == ["queued", "completed"]
+    for r in rec.requests:
+        r.verify(RAW)
+    assert sender.stats() == {"delivered": 1, "failed": 0, "dropped": 1}
 
 
 def test_close_is_bounded_when_the_receiver_never_answers(receiver) -> None:
@@ -425,10 +608,11 @@ def test_close_is_bounded_when_the_receiver_never_answers(receiver) -> None:
     sender.send({"status": "completed"}, kind="final")
     sender.send({"status": "completed", "sequence": 2}, kind="final")
     started = time.monotonic()
-    assert sender.close(timeout_s=2) is False
+    assert sender.close(timeout_s=1) is False
     elapsed = time.monotonic() - started
-    assert 1.9 <= elapsed < 4
-    assert len(rec.requests) == 1
+    assert 0.95 <= elapsed < 6  # waited for its deadline, not for the 10 s read timeout
+    assert 1 <= len(rec.requests) <= 2  # the first event only (a retry may start at the deadline)
+    assert all(r.event["status"] == "completed" and "sequence" not in r.event for r in rec.requests)
     assert sender.stats()["failed"] >= 1  # the queued one at once; the in-flight one when it ends
     # Late events after close are refused, not queued.
     sender.send({"status": "completed"}, kind="final")

@@ -1,189 +1,307 @@
-"""Progress events: one stream, two channels (RunPod `/status` and signed webhooks), same truth.
+"""The job's one source of progress: typed events, one `sequence`, fanned out to every channel.
 
-Every event gets the next per-job `sequence` number and goes to both channels. Within a stage,
-training updates are rate-limited (default one per 10 s); a stage change, an eval result and the
-final event always go out. Both channels send from their own background thread, so a slow
-receiver never slows training, and both are drained (bounded) before the job returns its result,
-so a late progress update can never land after the final result and overwrite it.
+`Reporter` builds each `ProgressEvent` (validated: a wrong stage or an unknown field raises at
+the call), numbers it and hands its JSON to every channel (RunPod `/status`, signed webhooks, test
+channels). Within a stage, progress updates are rate-limited (default one per 10 s); a stage
+change, the final event and an evaluation result always go out.
+
+Metrics are sent only with the training log record of the event's own `step`, once: the dashboard
+inserts one history row per event that carries them. A held-out evaluation at step N waits for
+step N's log record and goes out with it (the Trainer runs step-end callbacks, where evaluation
+happens, before it logs that step), so the event for step N carries step N's loss and learning
+rate; a progress update held back by the rate limit is sent before the next stage event, so the
+last step's metrics always reach the dashboard.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
+
+from lora_worker.runtime.events.event import (
+    FINAL_STAGES,
+    MAX_MESSAGE_CHARS,
+    STAGE_MESSAGES,
+    STAGES,
+    Evaluation,
+    ProgressEvent,
+    TrainingMetrics,
+    status_of,
+)
+from lora_worker.runtime.events.runpod_status import RunPodChannel
+
+# RunPodChannel lives in runpod_status; re-exported while job.py still imports it from here.
+__all__ = ["STAGES", "Channel", "CostMeter", "Reporter", "RunPodChannel"]
 
 log = logging.getLogger(__name__)
 
-STAGES = (
-    "queued",
-    "preprocessing",
-    "model_loading",
-    "model_loaded",
-    "training",
-    "evaluating",
-    "uploading",
-    "completed",
-    "failed",
-    "cancelled",
+# Fields a stage event may carry for that event only (the rest is the reporter's running state).
+STAGE_PAYLOAD = frozenset(
+    {
+        "message",
+        "dataset",
+        "plan",
+        "model",
+        "download",
+        "warnings",
+        "verdict",
+        "lora_artifact_path",
+        "error_message",
+        "output",
+        "resumed_from_step",
+    }
 )
-FINAL_STAGES = {"completed", "failed", "cancelled"}
+
+
+class Channel(Protocol):
+    def send(self, event: Mapping[str, Any], *, kind: str) -> object: ...
+
+    def close(self, timeout_s: float) -> bool: ...
 
 
 class CostMeter:
-    """GPU-seconds since the job started and their cost at an hourly rate (USD/hour)."""
+    """GPU-seconds of the job and their cost at an hourly rate (USD/hour).
 
-    def __init__(self, hourly_usd: float, clock: Callable[[], float] = time.monotonic):
-        self.hourly, self.clock, self.t0 = hourly_usd, clock, clock()
+    `already_s` counts earlier attempts of the same job (a resumed job pays for all of them).
+    """
+
+    def __init__(
+        self, hourly_usd: float, clock: Callable[[], float] = time.monotonic, *, already_s: float = 0.0
+    ):
+        self.hourly, self.clock, self.t0, self.already_s = hourly_usd, clock, clock(), already_s
 
     def seconds(self) -> float:
-        return self.clock() - self.t0
+        return self.already_s + self.clock() - self.t0
 
     def cost(self) -> float:
         return round(self.seconds() / 3600 * self.hourly, 4)
 
 
-class RunPodChannel:
-    """Sends progress to RunPod's job-progress endpoint from one ordered background thread.
-
-    `runpod.serverless.progress_update` starts a new thread per call, so two updates can arrive out
-    of order and one can arrive after the job's result, overwriting it in `/status`. This channel
-    calls the same SDK send path one update at a time, drops progress that a newer update has
-    superseded, and `close()` waits (bounded) for the last send before the result is returned.
-    """
-
-    def __init__(self, job: dict, send: Callable[[dict, Any], None] | None = None):
-        self.job = job
-        self._send = send or _sdk_progress_send
-        self._q: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="runpod-progress", daemon=True)
-        self._thread.start()
-
-    def send(self, event: dict, *, kind: str = "progress") -> None:
-        # Every event goes to /status; `kind` matters to webhooks (retries), not here.
-        self._q.put(event)
-
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            # Only the newest waiting update matters for /status.
-            while not self._q.empty():
-                nxt = self._q.get()
-                if nxt is None:
-                    self._deliver(item)
-                    return
-                item = nxt
-            self._deliver(item)
-
-    def _deliver(self, event: dict) -> None:
-        try:
-            self._send(self.job, event)
-        except Exception as err:  # progress is best-effort; the result path is separate
-            log.warning("runpod progress update failed: %s", type(err).__name__)
-
-    def close(self, timeout_s: float = 10.0) -> bool:
-        self._q.put(None)
-        self._thread.join(timeout_s)
-        return not self._thread.is_alive()
-
-
-def _sdk_progress_send(job: dict, event: Any) -> None:
-    # The body of runpod.serverless.progress_update's thread, run synchronously on ours.
-    from runpod.serverless.modules.rp_progress import _thread_target
-
-    _thread_target(job, event)
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 class Reporter:
-    """Builds progress events and fans them out; the job's single source of progress."""
+    """Builds progress events and fans them out; `events` keeps every one sent, in order.
+
+    `first_sequence` continues the count of an earlier attempt of the same job, so a receiver that
+    ignores non-increasing sequences keeps accepting a resumed job's events.
+    """
 
     def __init__(
         self,
         job_id: str,
         *,
         meter: CostMeter,
-        channels: list[Any],
+        channels: Sequence[Channel],
         min_interval_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = _utc_now,
+        first_sequence: int = 1,
     ):
-        self.job_id, self.meter, self.channels = job_id, meter, channels
-        self.min_interval_s, self.clock = min_interval_s, clock
-        self.sequence = 0
-        self.status = "queued"
-        self.last: dict[str, Any] = {
-            "step": 0,
-            "total_steps": 0,
-            "epoch": 0.0,
-            "metrics": {},
-            "tokens_seen": 0,
-        }
+        self.job_id, self.meter, self.channels = job_id, meter, list(channels)
+        self.min_interval_s, self.clock, self.now = min_interval_s, clock, now
+        self.events: list[ProgressEvent] = []
+        self._next_sequence = first_sequence
+        self._stage = "queued"
+        self._step, self._total_steps, self._tokens_seen = 0, None, None
+        self._eta_seconds: float | None = None
+        self._evaluation: Evaluation | None = None
+        self._eval_waiting = False  # an evaluation waits for its step's log record
+        self._held: dict[str, Any] | None = None  # the newest update the rate limit held back
+        self._metrics_step: int | None = None  # the step of the newest log record received
+        self._finished = False  # the final event went out
         self._last_sent = float("-inf")
-        self.events: list[dict] = []  # what was emitted, for result.json and tests
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
-    def stage(self, status: str, **fields: Any) -> dict:
-        assert status in STAGES, status
-        self.status = status
-        self.last["eta_seconds"] = None  # a training ETA says nothing about the next stage
-        kind = "final" if status in FINAL_STAGES else "stage"
-        return self._emit(kind, fields)
+    @property
+    def current_stage(self) -> str:
+        return self._stage
 
-    def progress(self, *, force: bool = False, **fields: Any) -> dict | None:
-        """A training update; sent when the interval has passed (or `force`), else only recorded."""
-        self.last.update({k: v for k, v in fields.items() if k in self.last or k == "eta_seconds"})
-        if not force and self.clock() - self._last_sent < self.min_interval_s:
-            return None
-        return self._emit("progress", fields)
+    @property
+    def status(self) -> str:
+        return status_of(self._stage)
 
-    def _emit(self, kind: str, fields: dict) -> dict:
+    # -------------------------------------------------------------------------------- the API
+
+    def stage(
+        self, name: str, *, step: int | None = None, total_steps: int | None = None, **payload: Any
+    ) -> ProgressEvent | None:
+        """Enter stage `name` and send its event now (the final one for completed/failed/cancelled).
+
+        `payload` takes the event's per-event fields (dataset, plan, model, download, warnings,
+        verdict, lora_artifact_path, error_message, output, resumed_from_step, message); anything
+        else raises TypeError naming it. After the final event nothing more is sent (None).
+        """
+        status_of(name)  # ValueError naming the known stages
+        unknown = sorted(set(payload) - STAGE_PAYLOAD)
+        if unknown:
+            raise TypeError(f"stage() got unknown field(s) {unknown}; allowed: {sorted(STAGE_PAYLOAD)}")
         with self._lock:
-            self.sequence += 1
-            self.last.update({k: v for k, v in fields.items() if k in self.last})
-            total = self.last.get("total_steps") or 0
-            event = {
-                "job_id": self.job_id,
-                "status": self.status,
-                "sequence": self.sequence,
-                "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                "step": self.last["step"],
-                "total_steps": total,
-                "epoch": self.last["epoch"],
-                "percent": round(100.0 * self.last["step"] / total, 1) if total else 0.0,
-                "eta_seconds": fields.get("eta_seconds", self.last.get("eta_seconds")),
-                "metrics": self.last["metrics"],
-                "tokens_seen": self.last["tokens_seen"],
-                "gpu_seconds": round(self.meter.seconds(), 1),
-                "cost_usd": self.meter.cost(),
-            }
-            extra = {k: v for k, v in fields.items() if k not in event and k != "force"}
-            event.update(extra)
-            if self.status == "completed":
-                event["percent"] = 100.0
-            self._last_sent = self.clock()
-            self.events.append(event)
-            for ch in self.channels:
-                try:
-                    ch.send(event, kind=kind)
-                except Exception as err:
-                    log.warning("progress channel %s failed: %s", type(ch).__name__, type(err).__name__)
-            log.info(
-                "progress #%d %s step %s/%s %s",
-                self.sequence,
-                self.status,
-                event["step"],
-                total,
-                {k: v for k, v in (event["metrics"] or {}).items() if v is not None},
-            )
+            if self._finished:
+                log.warning("progress: stage %s after the final event, not sent", name)
+                return None
+            self._flush_held()
+            self._stage = name
+            self._eta_seconds = None  # a training ETA says nothing about the next stage
+            self._eval_waiting = False  # this event carries the evaluation
+            self._set(step=step, total_steps=total_steps)
+            final = name in FINAL_STAGES
+            event = self._emit("final" if final else "stage", payload)
+            self._finished = final
             return event
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Drain every channel, bounded in total by timeout_s."""
+    def progress(
+        self,
+        *,
+        step: int | None = None,
+        total_steps: int | None = None,
+        metrics: TrainingMetrics | Mapping[str, Any] | None = None,
+        tokens_seen: int | None = None,
+        eta_seconds: float | None = None,
+        download: Mapping[str, Any] | None = None,
+        message: str | None = None,
+        force: bool = False,
+    ) -> ProgressEvent | None:
+        """An update within the current stage; sent when `min_interval_s` has passed since the last
+        event (or `force`, or a waiting evaluation is due), else held back until the next one.
+
+        `metrics` must be the training log record of `step` itself (loss, learning_rate,
+        grad_norm, epoch), or None when this call brings no record of that step.
+        """
+        record = _metrics(metrics)
+        with self._lock:
+            if self._finished:
+                return None
+            self._set(step=step, total_steps=total_steps, tokens_seen=tokens_seen, eta_seconds=eta_seconds)
+            if record is not None:
+                self._metrics_step = self._step
+            else:
+                record = self._held_record()  # this step's record, if the rate limit held it back
+            update = {"metrics": record, "download": dict(download) if download else None, "message": message}
+            due = self._eval_waiting and (record is not None or self._step > self._eval_step())
+            if not (force or due) and self.clock() - self._last_sent < self.min_interval_s:
+                self._held = update
+                return None
+            self._held = None
+            self._eval_waiting = self._eval_waiting and not due
+            return self._emit("progress", update)
+
+    def baseline(self, eval_loss: float | None) -> None:
+        """The base model's held-out loss; carried by every later event (the next one sends it)."""
+        with self._lock:
+            self._evaluation = (self._evaluation or Evaluation()).model_copy(
+                update={"eval_loss_before": _finite(eval_loss)}
+            )
+
+    def evaluation(self, *, step: int, eval_loss: float | None) -> ProgressEvent | None:
+        """A held-out loss measured at optimizer step `step`, sent together with that step's metrics.
+
+        When step `step`'s log record has already arrived, an event goes out now (with the record if
+        the rate limit held it back); otherwise with the next `progress` call that brings that
+        record or a later step, or with the next stage event.
+        """
+        with self._lock:
+            if self._finished:
+                return None
+            self._evaluation = (self._evaluation or Evaluation()).model_copy(
+                update={"step": step, "eval_loss": _finite(eval_loss)}
+            )
+            if self._metrics_step is None or self._metrics_step < step:
+                self._eval_waiting = True
+                return None
+            record, self._held = self._held_record(), None
+            self._eval_waiting = False
+            return self._emit("progress", {"metrics": record})
+
+    def close(self, timeout_s: float = 30.0) -> bool:
+        """Drain every channel, bounded in total by `timeout_s`; True when all drained in time."""
         deadline = time.monotonic() + timeout_s
+        drained = True
         for ch in self.channels:
-            ch.close(max(0.5, deadline - time.monotonic()))
+            drained = bool(ch.close(max(0.5, deadline - time.monotonic()))) and drained
+        return drained
+
+    # -------------------------------------------------------------------------------- internals
+
+    def _eval_step(self) -> int:
+        return (self._evaluation.step if self._evaluation else None) or 0
+
+    def _set(self, **values: float | None) -> None:
+        for name, value in values.items():
+            if value is not None:
+                setattr(self, f"_{name}", value)
+
+    def _held_record(self) -> TrainingMetrics | None:
+        """The held-back update's training record, if it is the current step's (never relabelled)."""
+        if self._held is None or self._metrics_step != self._step:
+            return None
+        return self._held.get("metrics")
+
+    def _flush_held(self) -> None:
+        # A training record the rate limit held back goes out before the stage moves on, so the
+        # last step's metrics reach the dashboard's history.
+        record, self._held = self._held_record(), None
+        if record is not None:
+            self._emit("progress", {"metrics": record})
+
+    def _emit(self, kind: str, payload: Mapping[str, Any]) -> ProgressEvent:
+        payload = {k: v for k, v in payload.items() if v is not None}
+        total = self._total_steps
+        percent = min(100.0, round(100.0 * self._step / total, 1)) if total else 0.0
+        event = ProgressEvent(
+            job_id=self.job_id,
+            status=status_of(self._stage),
+            stage=self._stage,
+            sequence=self._next_sequence,
+            timestamp=self.now(),
+            message=payload.pop("message", None) or self._default_message(payload),
+            step=self._step,
+            total_steps=total,
+            percent=100.0 if self._stage == "completed" else percent,
+            eta_seconds=self._eta_seconds,
+            tokens_seen=self._tokens_seen,
+            gpu_seconds=round(self.meter.seconds(), 1),
+            cost_usd=self.meter.cost(),
+            evaluation=self._evaluation,
+            **payload,
+        )
+        self._next_sequence += 1
+        self._last_sent = self.clock()
+        self.events.append(event)
+        wire = event.to_wire()
+        for ch in self.channels:
+            try:
+                ch.send(wire, kind=kind)
+            except Exception as err:  # one broken channel must not silence the others
+                log.warning("progress channel %s failed: %s", type(ch).__name__, type(err).__name__)
+        log.info("progress #%d %s: %s", event.sequence, event.stage, event.message)
+        return event
+
+    def _default_message(self, payload: Mapping[str, Any]) -> str:
+        error = str(payload.get("error_message") or "").strip()
+        if self._stage == "failed" and error:
+            return f"failed: {error.splitlines()[0]}"[:MAX_MESSAGE_CHARS]
+        if self._stage != "training" or not self._total_steps:
+            return STAGE_MESSAGES[self._stage]
+        parts = [f"training: step {self._step}/{self._total_steps}"]
+        metrics = payload.get("metrics")
+        if isinstance(metrics, TrainingMetrics) and metrics.loss is not None:
+            parts.append(f"loss {metrics.loss:.4f}")
+        ev = self._evaluation
+        if ev and ev.step == self._step and ev.eval_loss is not None:
+            parts.append(f"held-out loss {ev.eval_loss:.4f}")
+        return ", ".join(parts)
+
+
+def _metrics(value: TrainingMetrics | Mapping[str, Any] | None) -> TrainingMetrics | None:
+    metrics = value if isinstance(value, TrainingMetrics) or value is None else TrainingMetrics(**value)
+    return None if metrics is None or metrics.is_empty() else metrics
+
+
+def _finite(value: float | None) -> float | None:
+    return Evaluation(eval_loss=value).eval_loss
