@@ -34,7 +34,8 @@ class _Strict(BaseModel):
 class Hyperparameters(_Strict):
     """Training hyperparameters; names follow the studio's RunPod API."""
 
-    num_epochs: int = Field(3, ge=1, le=100, description="Passes over the training conversations.")
+    # At most 99: the dashboard's epoch columns are NUMERIC(4,2), which cannot hold 100.00.
+    num_epochs: int = Field(3, ge=1, le=99, description="Passes over the training conversations.")
     batch_size: int = Field(
         4,
         ge=1,
