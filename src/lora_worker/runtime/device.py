@@ -68,3 +68,24 @@ def free_accelerator_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for both forms an accelerator out-of-memory takes: torch's `OutOfMemoryError` (the
+    caching allocator) and a `RuntimeError` such as "CUDA error: out of memory" (a kernel or a
+    library that allocates outside the caching allocator, e.g. cuBLAS workspaces or bitsandbytes)."""
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def out_of_memory_message(err: BaseException) -> str | None:
+    """`Type: first line` of an out-of-memory error (either form, see is_out_of_memory); None for any
+    other error. Keeping only this string lets a handler drop the traceback (and with it the
+    failed step's tensors) before anything is retried."""
+    if not is_out_of_memory(err):
+        return None
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first[:300]}"

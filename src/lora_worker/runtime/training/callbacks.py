@@ -1,82 +1,20 @@
-"""Small Trainer callbacks: progress, checkpoints that survive a killed worker, and stopping.
+"""Small Trainer callbacks: progress, held-out evaluation, stopping, and guards on the numbers.
 
-Each does one thing and holds plain values, so the Trainer itself stays stock.
+Each does one thing and holds plain values, so the Trainer itself stays stock. A callback that
+stops training says why in its `reason` (train() reports the first one set).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import shutil
+import math
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
-log = logging.getLogger(__name__)
-
-COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
-
-
-# ----------------------------------------------------------------------------- checkpoints on disk
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoints whose write finished (marker present), oldest first."""
-    if not folder.is_dir():
-        return []
-    found = []
-    for p in folder.glob("checkpoint-*"):
-        if p.is_dir() and (p / COMPLETE_MARKER).exists():
-            try:
-                found.append((int(p.name.split("-")[-1]), p))
-            except ValueError:
-                continue
-    return [p for _, p in sorted(found)]
-
-
-def clean_incomplete(folder: Path) -> list[str]:
-    """Remove checkpoint folders a killed worker left half-written; returns their names."""
-    removed = []
-    if folder.is_dir():
-        for p in folder.glob("checkpoint-*"):
-            if p.is_dir() and not (p / COMPLETE_MARKER).exists():
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p.name)
-    return removed
-
-
-class CheckpointCallback(TrainerCallback):
-    """Save every N steps (Trainer's own save_steps) and also every `minutes`; mark complete; keep `keep`.
-
-    The Trainer writes a checkpoint folder in place; only after every file is written does
-    `on_save` run, and only then is the marker written (fsynced). A worker killed mid-write leaves
-    a folder without the marker, which resume ignores and removes, so the previous one is used.
-    """
-
-    def __init__(self, folder: Path, *, minutes: float, keep: int = 2):
-        self.folder, self.seconds, self.keep = folder, minutes * 60.0, keep
-        self._last = time.monotonic()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self._last >= self.seconds:
-            control.should_save = True
-
-    def on_save(self, args, state, control, **kwargs):
-        ckpt = self.folder / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            marker = ckpt / COMPLETE_MARKER
-            with open(marker, "w") as f:
-                json.dump({"step": state.global_step, "epoch": state.epoch, "time": time.time()}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            for old in complete_checkpoints(self.folder)[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        self._last = time.monotonic()
-
+from lora_worker.runtime.evaluation.loss import NonFiniteLoss
 
 # ----------------------------------------------------------------------------- stopping
 
@@ -125,6 +63,65 @@ class StopCallback(TrainerCallback):
             control.should_training_stop = True
 
 
+class NonFiniteGuard(TrainerCallback):
+    """Stop at the first NaN or infinite loss or gradient, before it reaches the adapter or a checkpoint.
+
+    Before each optimizer step the trainable gradients are checked (one reduction per tensor, one
+    device sync per step); non-finite ones are dropped, so the optimizer leaves the adapter as it
+    was, and training stops without saving. The logged `loss` and `grad_norm` are checked too.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            for p in model.parameters():
+                p.grad = None  # optimizers skip parameters without a gradient
+            self._stop(
+                control, f"non-finite loss at step {state.global_step + 1} (NaN or infinite gradients)"
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.reason:
+            self._stop(control, self.reason)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value) and not self.reason:
+                self.reason = f"non-finite loss at step {state.global_step} ({key} {value})"
+        if self.reason:
+            self._stop(control, self.reason)
+
+    def _stop(self, control, reason: str) -> None:
+        self.reason = self.reason or reason
+        control.should_save = False  # a checkpoint now would hold (or lead to) NaN weights
+        control.should_training_stop = True
+
+
+class JobEpochs(TrainerCallback):
+    """Log records carry the job's epochs, not the Trainer's.
+
+    The Trainer runs one pass over a schedule that holds every epoch (see trainer.py), so its own
+    `epoch` runs 0 -> 1 over the whole job; records logged from here on (and the copies integration
+    callbacks such as TensorBoard receive, when they come after this one) say job epochs instead.
+    """
+
+    def __init__(self, num_epochs: int):
+        self.num_epochs = num_epochs
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.epoch is None:
+            return
+        epoch = round(state.epoch * self.num_epochs, 4)
+        if logs is not None and "epoch" in logs:
+            logs["epoch"] = epoch
+        if state.log_history and "epoch" in state.log_history[-1]:
+            state.log_history[-1]["epoch"] = epoch
+
+
 # ----------------------------------------------------------------------------- progress
 
 
@@ -133,6 +130,7 @@ def history_from_log(log_history: list[dict]) -> dict[str, list[dict]]:
     train = [
         {
             "step": r["step"],
+            "epoch": r.get("epoch"),
             "loss": float(r["loss"]),
             "learning_rate": float(r.get("learning_rate", 0.0)),
             "grad_norm": float(r["grad_norm"]) if r.get("grad_norm") is not None else None,
@@ -147,25 +145,35 @@ def history_from_log(log_history: list[dict]) -> dict[str, list[dict]]:
 class ProgressCallback(TrainerCallback):
     """Turns Trainer logs into progress events: step, loss, LR, grad norm, eval loss, tokens, ETA.
 
-    The Trainer runs one pass over a schedule that holds every epoch (see trainer.py), so its
-    `state.epoch` in [0, 1] is scaled by the job's number of epochs.
+    One event per logged step, carrying that step's training metrics; a held-out loss recorded
+    during the step (`record_eval`, before the Trainer logs it) rides on the same event, which is
+    then sent even if the reporter would otherwise throttle it. The Trainer's `state.epoch` in
+    [0, 1] covers the whole job (see trainer.py), so it is scaled by the job's number of epochs.
     """
 
     def __init__(self, report: Callable[..., object], *, tokens_per_epoch: int, num_epochs: int):
         self.report, self.tokens_per_epoch, self.num_epochs = report, tokens_per_epoch, num_epochs
         self._t0: float | None = None
         self._start_step = 0
+        self._eval_pending = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0, self._start_step = time.monotonic(), state.global_step
 
     def record_eval(self, state, loss: float) -> None:
-        # Into the Trainer's log history, so the eval curve is checkpointed with the train curve.
+        # Into the Trainer's log history, so the eval curve is checkpointed with the train curve;
+        # sent with this step's training metrics when the Trainer logs them.
         state.log_history.append({"step": state.global_step, "eval_loss": float(loss)})
-        self._send(state, force=True)
+        self._eval_pending = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        self._send(state)
+        self._send(state, force=self._eval_pending)
+        self._eval_pending = False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._eval_pending:
+            self._send(state, force=True)
+            self._eval_pending = False
 
     def _send(self, state, force: bool = False) -> None:
         history = history_from_log(state.log_history)
@@ -189,35 +197,29 @@ class ProgressCallback(TrainerCallback):
         )
 
 
-class InjectOOM:
-    """Test hook (a forward pre-hook): raise CUDA's out-of-memory error above a token count.
-
-    Lets the CPU suite exercise the OOM recovery path; never installed in a real job.
-    """
-
-    def __init__(self, above_tokens: int):
-        self.above = above_tokens
-        self.fired = 0
-
-    def hook(self, module, args, kwargs):
-        import torch
-
-        ids = kwargs.get("input_ids")
-        if ids is None and args:
-            ids = args[0]
-        if ids is not None and ids.numel() > self.above and module.training:
-            self.fired += 1
-            raise torch.OutOfMemoryError(f"injected OOM for {ids.numel()} tokens > {self.above}")
-
-
 class EvalCallback(TrainerCallback):
-    """Held-out loss every `every_steps` optimizer steps, computed exactly as before and after training."""
+    """Held-out loss every `every_steps` optimizer steps, computed exactly as before and after training.
+
+    Runs at the end of the step, before the Trainer logs it (and asks for that log), so the
+    progress event of an evaluation step carries that step's training metrics and its held-out
+    loss together, and a checkpoint saved at that step holds both. A non-finite held-out loss
+    stops training (`reason`) without a checkpoint.
+    """
 
     def __init__(self, evaluate: Callable[[], float | None], every_steps: int, record: Callable[..., None]):
         self.evaluate, self.every, self.record = evaluate, every_steps, record
+        self.reason: str | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+        if state.global_step % self.every or state.global_step >= state.max_steps:
+            return
+        try:
             loss = self.evaluate()
-            if loss is not None:
-                self.record(state, loss)
+        except NonFiniteLoss as err:
+            self.reason = f"non-finite held-out loss at step {state.global_step}: {err}"
+            control.should_save = False
+            control.should_training_stop = True
+            return
+        if loss is not None:
+            self.record(state, loss)
+            control.should_log = True

@@ -1,33 +1,104 @@
 """Training on the stock Transformers Trainer, fed whole micro-batches, with OOM recovery.
 
 The Trainer sees a dataset whose items are ready micro-batches, in the order they will be
-trained: every epoch's micro-batches (planned by `data.plan_micro_batches` or `data.plan_packed`
-within a token budget) shuffled with the job's seed, one epoch after another, read sequentially.
-So `per_device_train_batch_size` is 1, the collator unwraps, and a checkpoint's step number alone
-fixes the data position. Loss is averaged over the trained tokens of all micro-batches in an
-optimizer step (the Trainer passes `num_items_in_batch`), so long and short examples weigh per token.
+trained: every epoch's micro-batches (planned within a token budget) shuffled with the job's seed,
+one epoch after another, read sequentially. So `per_device_train_batch_size` is 1, the collator
+unwraps, and a checkpoint's step number alone fixes the data position. Loss is averaged over the
+trained tokens of all micro-batches in an optimizer step (the Trainer passes `num_items_in_batch`),
+so long and short examples weigh per token.
+
+The optimizer and the learning-rate schedule are built here (schedule.py) and passed to the
+Trainer: one of each per run, reused by every Trainer of the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
+import random
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from lora_worker.runtime.data.formats import Example, collate, collate_packed, plan_micro_batches, plan_packed
-from lora_worker.runtime.training.callbacks import COMPLETE_MARKER, clean_incomplete, complete_checkpoints
+from lora_worker.runtime.data.batches import collate, collate_packed, plan_micro_batches, plan_packed
+from lora_worker.runtime.device import free_accelerator_memory
+from lora_worker.runtime.training.callbacks import JobEpochs, NonFiniteGuard
+from lora_worker.runtime.training.checkpoints import (
+    CheckpointCallback,
+    ResumePoint,
+    clean_incomplete,
+    find_resumable,
+)
+from lora_worker.runtime.training.offload import install_activation_offload
+from lora_worker.runtime.training.oom import (
+    Recovery,
+    StepPhase,
+    TrainingOutOfMemory,
+    give_up_message,
+    largest_micro_batch,
+    run_attempt,
+    save_recovery_point,
+    split_schedule,
+    torn_update_message,
+)
+from lora_worker.runtime.training.schedule import build_optimizer, build_scheduler, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """Plain values the trainer needs (from the job spec's hyperparameters and training options)."""
+
+    output_dir: Path  # the job's checkpoints folder
+    logging_dir: Path  # TensorBoard event files
+    num_epochs: int
+    learning_rate: float  # peak
+    warmup_ratio: float
+    gradient_accumulation_steps: int
+    micro_batch_tokens: int  # token budget of one micro-batch (rows x padded length)
+    max_rows: int
+    seed: int
+    optimizer: str  # "auto" or a TrainingArguments.optim name
+    checkpoint_steps: int
+    logging_steps: int
+    gradient_checkpointing: bool  # applied when the model is prepared; here for the record
+    packing: str = "rows"  # "rows": one example per right-padded row; "packed": one row, block mask
+    report_to: tuple[str, ...] = ("tensorboard",)  # and/or "wandb"
+    checkpoint_minutes: float = 30.0  # also save at least this often
+    keep_checkpoints: int = 2  # complete checkpoints kept while training
+    activation_offload: bool = False  # saved activations of the decoder in (pinned) CPU memory
+    max_grad_norm: float = 0.3
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    global_step: int
+    max_steps: int
+    epoch: float  # job epochs trained, all attempts (2.0 = two passes over the training set)
+    train_loss: float | None  # last logged training loss
+    train_seconds: float
+    resumed_from_step: int | None
+    resume_reason: str  # which checkpoint was used, or why training started from step 0
+    optimizer: str  # what `auto` became: "paged_adamw_8bit", "adamw_torch", ...
+    recoveries: tuple[Recovery, ...] = ()
+    micro_batch_tokens: int = 0  # largest micro-batch trained (after any OOM split)
+    gradient_accumulation_steps: int = 0  # as trained (doubled by each OOM split)
+    stopped_reason: str | None = None  # None: trained to the end
+    padding_fraction: float = 0.0
+    epochs_this_run: float = 0.0  # epochs trained by this process (less than `epoch` after a resume)
+    adapter_update_norm: float = 0.0  # see adapter_update_norm(); 0.0: the adapter is still the identity
+    log_history: list[dict] = field(default_factory=list)  # the Trainer's, carried across resumes
+    warnings: tuple[str, ...] = ()  # e.g. corrupt checkpoints moved aside
+
+
 class MicroBatches(torch.utils.data.Dataset):
-    def __init__(
-        self, examples: Sequence[Example], schedule: list[list[int]], pad_id: int, packed: bool = False
-    ):
+    def __init__(self, examples: Sequence, schedule: list[list[int]], pad_id: int, packed: bool = False):
         self.examples, self.schedule, self.pad_id, self.packed = examples, schedule, pad_id, packed
 
     def __len__(self) -> int:
@@ -42,8 +113,6 @@ class MicroBatches(torch.utils.data.Dataset):
 
 def make_schedule(plan: list[list[int]], epochs: int, seed: int) -> list[list[int]]:
     """Every epoch's micro-batches in a seeded order, one epoch after another."""
-    import random
-
     out: list[list[int]] = []
     for epoch in range(epochs):
         order = list(range(len(plan)))
@@ -52,154 +121,14 @@ def make_schedule(plan: list[list[int]], epochs: int, seed: int) -> list[list[in
     return out
 
 
-def split_schedule(schedule: list[list[int]]) -> list[list[int]]:
-    """Each micro-batch becomes two consecutive halves (a one-row micro-batch: itself and an empty one).
-
-    With gradient accumulation doubled, every optimizer step then sees exactly the same examples
-    in the same order as before, and step N still starts at the same place in the data.
-    """
-    out: list[list[int]] = []
-    for b in schedule:
-        half = (len(b) + 1) // 2
-        out += [b[:half], b[half:]]
-    return out
-
-
-def plan_batches(examples: Sequence[Example], cfg: TrainConfig) -> list[list[int]]:
+def plan_batches(examples: Sequence, cfg: TrainConfig) -> list[list[int]]:
     lengths = [len(e.input_ids) for e in examples]
     if cfg.packing == "packed":
         return plan_packed(lengths, token_budget=cfg.micro_batch_tokens)
     return plan_micro_batches(lengths, token_budget=cfg.micro_batch_tokens, max_rows=cfg.max_rows)
 
 
-def _unwrap(items: list[dict]) -> dict:
-    return items[0]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Plain values the trainer needs (from the job spec's hyperparameters and training options)."""
-
-    output_dir: Path
-    logging_dir: Path
-    num_epochs: int
-    learning_rate: float
-    warmup_ratio: float
-    gradient_accumulation_steps: int
-    micro_batch_tokens: int
-    max_rows: int
-    seed: int
-    optimizer: str
-    checkpoint_steps: int
-    logging_steps: int
-    gradient_checkpointing: bool
-    packing: str = "rows"  # "rows": one example per right-padded row; "packed": one row, block mask
-    report_to: tuple[str, ...] = ("tensorboard",)
-
-
-@dataclass
-class TrainOutcome:
-    global_step: int
-    max_steps: int
-    epoch: float
-    train_loss: float | None
-    train_seconds: float
-    resumed_from_step: int | None
-    recoveries: list[dict] = field(default_factory=list)
-    micro_batch_tokens: int = 0
-    gradient_accumulation_steps: int = 0
-    stopped_reason: str | None = None
-    padding_fraction: float = 0.0
-    epochs_this_run: float = 0.0  # epochs trained by this process (less than `epoch` after a resume)
-    log_history: list[dict] = field(default_factory=list)  # the Trainer's, carried across resumes
-
-
-def resolve_optimizer(name: str, device: str) -> str:
-    if name != "auto":
-        return name
-    # 8-bit paged AdamW needs bitsandbytes' CUDA kernels; on the CPU plain AdamW.
-    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
-
-
-def build_trainer(
-    model,
-    examples: Sequence[Example],
-    pad_id: int,
-    cfg: TrainConfig,
-    callbacks: list,
-    schedule: list[list[int]] | None = None,
-):
-    """A stock Trainer over the job's micro-batch schedule; returns (trainer, schedule)."""
-    import dataclasses
-
-    from transformers import Trainer, TrainingArguments
-
-    if schedule is None:
-        schedule = make_schedule(plan_batches(examples, cfg), cfg.num_epochs, cfg.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sequential_arg = "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}
-    args = TrainingArguments(
-        output_dir=str(cfg.output_dir),
-        num_train_epochs=1,  # one pass over the schedule, which holds every epoch
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        max_grad_norm=0.3,
-        weight_decay=0.0,
-        optim=resolve_optimizer(cfg.optimizer, device),
-        bf16=True,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.checkpoint_steps,
-        save_total_limit=None,  # rotation is CheckpointCallback's, which keeps the last two complete ones
-        eval_strategy="no",  # held-out loss is computed by EvalCallback, the same way before and after
-        report_to=[r for r in cfg.report_to if r != "tensorboard"],
-        # activation checkpointing is already enabled (non-reentrant) on the model by model.add_lora
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        use_cpu=device == "cpu",
-        disable_tqdm=True,
-        save_only_model=False,
-        **({"train_sampling_strategy": "sequential"} if sequential_arg else {}),
-    )
-    if "tensorboard" in cfg.report_to:
-        # An explicit writer: Transformers 5 otherwise logs under output_dir (the checkpoints folder).
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
-        callbacks = [*callbacks, TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(cfg.logging_dir)))]
-    dataset = MicroBatches(examples, schedule, pad_id, packed=cfg.packing == "packed")
-    trainer = Trainer(
-        model=model, args=args, train_dataset=dataset, data_collator=_unwrap, callbacks=callbacks
-    )
-    if not sequential_arg:
-        # Transformers before the `train_sampling_strategy` argument: the schedule is already ordered.
-        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(dataset)
-    return trainer, schedule
-
-
-def steps_per_epoch(micro_batches: int, accumulation: int) -> int:
-    return max(1, math.ceil(micro_batches / accumulation))
-
-
-def largest_micro_batch(
-    examples: Sequence[Example], schedule: list[list[int]], packed: bool
-) -> tuple[int, int]:
-    """(tokens, rows) of the biggest micro-batch in a schedule."""
-    tokens = rows = 0
-    for b in schedule:
-        if b:
-            lengths = [len(examples[i].input_ids) for i in b]
-            tokens = max(tokens, sum(lengths) if packed else len(b) * max(lengths))
-            rows = max(rows, len(b))
-    return tokens, rows
-
-
-def padding_fraction(examples: Sequence[Example], schedule: list[list[int]], packed: bool = False) -> float:
+def padding_fraction(examples: Sequence, schedule: list[list[int]], packed: bool = False) -> float:
     """Share of the trained positions that are padding (rows of a micro-batch padded to its longest)."""
     if packed:
         return 0.0
@@ -212,167 +141,245 @@ def padding_fraction(examples: Sequence[Example], schedule: list[list[int]], pac
     return round(1 - real / padded, 4) if padded else 0.0
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    clean_incomplete(folder)
-    done = complete_checkpoints(folder)
-    return done[-1] if done else None
+def resolve_optimizer(name: str, device: str) -> str:
+    if name != "auto":
+        return name
+    # 8-bit paged AdamW needs bitsandbytes' CUDA kernels; on the CPU plain AdamW.
+    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+
+
+def adapter_update_norm(model) -> float:
+    """L2 norm of every LoRA B matrix: 0.0 means the adapter is still the identity.
+
+    PEFT initialises B to zero (A is random), so the adapter's change to any output is B @ A x;
+    a norm of 0.0 after training means no optimizer step moved it and the saved adapter would
+    change no logit.
+    """
+    total = 0.0
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            total += float(p.detach().float().pow(2).sum())
+    return total**0.5
+
+
+def training_arguments(cfg: TrainConfig, device: str) -> TrainingArguments:
+    sequential = "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    return TrainingArguments(
+        output_dir=str(cfg.output_dir),
+        num_train_epochs=1,  # one pass over the schedule, which holds every epoch
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        max_grad_norm=cfg.max_grad_norm,
+        weight_decay=0.0,
+        optim=resolve_optimizer(cfg.optimizer, device),
+        bf16=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must be seen (NonFiniteGuard), not averaged away
+        save_strategy="steps",
+        save_steps=cfg.checkpoint_steps,
+        save_total_limit=None,  # rotation is CheckpointCallback's, which keeps the last complete ones
+        eval_strategy="no",  # held-out loss is computed by EvalCallback, the same way before and after
+        report_to="none",  # integrations are added as callbacks, after JobEpochs (train())
+        # activation checkpointing is already enabled (non-reentrant) on the model when LoRA is added
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+        save_only_model=False,
+        **({"train_sampling_strategy": "sequential"} if sequential else {}),
+    )
+
+
+def build_trainer(
+    model,
+    examples: Sequence,
+    pad_id: int,
+    cfg: TrainConfig,
+    callbacks: list,
+    schedule: list[list[int]] | None = None,
+    optimizers: tuple | None = None,
+):
+    """A stock Trainer over the job's micro-batch schedule; returns (trainer, schedule).
+
+    `optimizers` is the run's (optimizer, scheduler); built here when not given. The Trainer's
+    printer callback is removed: the worker's progress events say what it would print.
+    """
+    if schedule is None:
+        schedule = make_schedule(plan_batches(examples, cfg), cfg.num_epochs, cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = training_arguments(cfg, device)
+    if optimizers is None:
+        optimizer = build_optimizer(model, args)
+        total = steps_per_epoch(len(schedule), cfg.gradient_accumulation_steps)
+        optimizers = (optimizer, build_scheduler(optimizer, total_steps=total, warmup_ratio=cfg.warmup_ratio))
+    dataset = MicroBatches(examples, schedule, pad_id, packed=cfg.packing == "packed")
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=_unwrap,
+        callbacks=callbacks,
+        optimizers=optimizers,
+    )
+    trainer.remove_callback(PrinterCallback)
+    if not hasattr(args, "train_sampling_strategy"):
+        # Transformers before the `train_sampling_strategy` argument: the schedule is already ordered.
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(dataset)
+    return trainer, schedule
+
+
+def _unwrap(items: list[dict]) -> dict:
+    return items[0]
+
+
+def reporting_callbacks(cfg: TrainConfig) -> list[TrainerCallback]:
+    """TensorBoard (to `logging_dir`, not under the checkpoints) and/or Weights & Biases."""
+    out: list[TrainerCallback] = []
+    if "tensorboard" in cfg.report_to:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        out.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(cfg.logging_dir))))
+    if "wandb" in cfg.report_to:
+        from transformers.integrations import WandbCallback
+
+        out.append(WandbCallback())
+    return out
 
 
 def train(
-    model, examples: Sequence[Example], pad_id: int, cfg: TrainConfig, callbacks: list, stop_cb
+    model,
+    examples: Sequence,
+    pad_id: int,
+    cfg: TrainConfig,
+    callbacks: list,
+    *,
+    resume: ResumePoint | None = None,
 ) -> TrainOutcome:
-    """Train to the end (or a stop), resuming from the job's last complete checkpoint.
+    """Train to the end (or a stop), resuming from the newest verified checkpoint in `cfg.output_dir`
+    (`resume`: the caller's own `find_resumable(cfg.output_dir)`, to verify the checksums once).
 
-    On CUDA out-of-memory: checkpoint the last finished optimizer step, split every micro-batch in
-    two and double gradient accumulation, so each optimizer step still sees the same examples in
-    the same order (same effective batch, same number of steps, same LR schedule), and go on from
-    that step. When every micro-batch is already a single sequence, fail and say what was tried.
+    `callbacks` are the caller's (progress, held-out eval, stop); checkpoints (every
+    `checkpoint_steps` and `checkpoint_minutes`, with a free-space check), the non-finite guard
+    and the job-epoch log records are installed here. A callback's `reason` becomes the
+    outcome's `stopped_reason`.
+
+    On out-of-memory: the failed step is released, every micro-batch is split in two and gradient
+    accumulation doubled, so each optimizer step still sees the same examples in the same order
+    (same effective batch, same steps, same LR schedule), and training goes on from the last
+    finished step with the same optimizer. When every micro-batch is already one sequence, it
+    fails (TrainingOutOfMemory) saying what was tried.
     """
-    import time
-
-    packed = cfg.packing == "packed"
-    resume = latest_checkpoint(cfg.output_dir)
-    resumed_from = int(resume.name.split("-")[-1]) if resume else None
-    recoveries: list[dict] = []
-    schedule = None
+    if any(isinstance(cb, CheckpointCallback) for cb in callbacks):
+        raise ValueError("train() installs the CheckpointCallback itself; do not pass one")
     t0 = time.monotonic()
-    while True:
-        trainer, schedule = build_trainer(model, examples, pad_id, cfg, callbacks, schedule)
-        try:
-            out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-            break
-        except torch.OutOfMemoryError as err:
-            step = trainer.state.global_step
-            tokens, rows = largest_micro_batch(examples, schedule, packed)
-            recoveries.append(
-                {
-                    "event": "out_of_memory",
-                    "step": step,
-                    "micro_batch_tokens": tokens,
-                    "max_rows": rows,
-                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                }
-            )
-            log.warning("out of memory at step %d with micro-batches up to %d tokens: %s", step, tokens, err)
-            model.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            done = Path(cfg.output_dir) / f"checkpoint-{step}" / COMPLETE_MARKER
-            if step > 0 and not done.exists():
-                try:  # keep every finished optimizer step: resume from exactly here
-                    save_checkpoint_now(trainer)
-                except Exception as save_err:
-                    log.warning(
-                        "could not checkpoint after OOM (%s); resuming from the last checkpoint", save_err
-                    )
-            del trainer
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if rows <= 1:
-                tried = ", ".join(
-                    f"{r['micro_batch_tokens']} tokens x {r['max_rows']} rows" for r in recoveries
+    resume = resume or find_resumable(cfg.output_dir)
+    clean_incomplete(cfg.output_dir)
+    log.info("%s", resume.reason)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    schedule = make_schedule(plan_batches(examples, cfg), cfg.num_epochs, cfg.seed)
+    optimizer = build_optimizer(model, training_arguments(cfg, device))
+    total = steps_per_epoch(len(schedule), cfg.gradient_accumulation_steps)
+    scheduler = build_scheduler(optimizer, total_steps=total, warmup_ratio=cfg.warmup_ratio)
+    phase, guard = StepPhase(), NonFiniteGuard()
+    saver = CheckpointCallback(cfg.output_dir, minutes=cfg.checkpoint_minutes, keep=cfg.keep_checkpoints)
+    # order matters: StepPhase first (it must see every step end), the saver after every callback
+    # that may ask for a save, the guard last so nothing re-enables a save after a NaN
+    all_callbacks = [phase, JobEpochs(cfg.num_epochs), *callbacks, saver, guard, *reporting_callbacks(cfg)]
+    offload = install_activation_offload(model) if cfg.activation_offload else None
+    recoveries: list[Recovery] = []
+    start = str(resume.checkpoint) if resume.checkpoint else None
+    run_cfg = cfg
+    try:
+        with tempfile.TemporaryDirectory(prefix="lora-oom-recovery-") as scratch:
+            while True:
+                trainer, _ = build_trainer(
+                    model, examples, pad_id, run_cfg, all_callbacks, schedule, (optimizer, scheduler)
                 )
-                raise RuntimeError(
-                    f"out of memory even with one sequence per micro-batch; tried {tried}. "
-                    "Lower hyperparameters.max_seq_length or lora_r, or use a GPU with more memory."
-                ) from None
-            resume = latest_checkpoint(cfg.output_dir)
-            schedule = split_schedule(schedule)
-            cfg = replace(cfg, gradient_accumulation_steps=cfg.gradient_accumulation_steps * 2)
+                message = run_attempt(trainer, start)
+                # The optimizer as the first Trainer prepared it (Accelerate's wrapper): a prepared
+                # optimizer is not prepared again, so its state (paged on CUDA) stays where it is
+                # instead of being copied to the device by every new Trainer.
+                optimizer = trainer.optimizer
+                if message is None:
+                    break
+                # Outside the except block: the failed step's activations are already unreferenced.
+                step = trainer.state.global_step
+                tokens, rows = largest_micro_batch(examples, schedule, cfg.packing == "packed")
+                ga = run_cfg.gradient_accumulation_steps
+                recoveries.append(Recovery(step, tokens, rows, ga, message))
+                log.warning(
+                    "out of memory at step %d with micro-batches up to %d tokens: %s", step, tokens, message
+                )
+                if phase.in_update:
+                    raise TrainingOutOfMemory(torn_update_message(step, message))
+                if rows <= 1:
+                    raise TrainingOutOfMemory(give_up_message(recoveries))
+                model.zero_grad(set_to_none=True)
+                start = _recovery_point(trainer, model, Path(scratch) / f"step-{step}", cfg.output_dir, start)
+                del trainer
+                free_accelerator_memory()
+                schedule = split_schedule(schedule)
+                run_cfg = replace(run_cfg, gradient_accumulation_steps=ga * 2)
+            return _outcome(trainer, examples, run_cfg, schedule, resume, recoveries, all_callbacks, t0)
+    finally:
+        if offload is not None:
+            offload.remove()
+
+
+def _recovery_point(trainer, model, folder: Path, checkpoints: Path, start: str | None) -> str | None:
+    """Where the retry starts: the state in memory at the last finished step, or, when that cannot
+    be written, the newest verified checkpoint (optimizer state included); at step 0 (nothing
+    trained, or the resume itself failed) where the failed attempt started."""
+    step = trainer.state.global_step
+    if step == 0:
+        return start
+    try:
+        return str(save_recovery_point(trainer.state, model, folder))
+    except OSError as err:
+        fallback = find_resumable(checkpoints)
+        if fallback.checkpoint is None:
+            raise TrainingOutOfMemory(
+                f"out of memory at step {step}, and the state to retry from could not be written ({err})"
+            ) from err
+        log.warning("could not write the recovery point (%s); %s", err, fallback.reason)
+        return str(fallback.checkpoint)
+
+
+def _outcome(trainer, examples, cfg, schedule, resume, recoveries, callbacks, t0) -> TrainOutcome:
     state = trainer.state
+    packed = cfg.packing == "packed"
     epoch = float(state.epoch or 0.0) * cfg.num_epochs  # the schedule is one Trainer epoch holding them all
-    resumed_epoch = (resumed_from or 0) / max(1, state.max_steps) * cfg.num_epochs
+    resumed_epoch = (resume.step or 0) / max(1, state.max_steps) * cfg.num_epochs
+    reason = next((cb.reason for cb in callbacks if getattr(cb, "reason", None)), None)
     outcome = TrainOutcome(
         global_step=state.global_step,
         max_steps=state.max_steps,
-        epoch=epoch,
-        epochs_this_run=max(0.0, epoch - resumed_epoch),
-        train_loss=_last_train_loss(trainer),
+        epoch=round(epoch, 4),
+        epochs_this_run=round(max(0.0, epoch - resumed_epoch), 4),
+        train_loss=_last_train_loss(state.log_history),
         train_seconds=round(time.monotonic() - t0, 2),
-        resumed_from_step=resumed_from,
-        recoveries=recoveries,
+        resumed_from_step=resume.step,
+        resume_reason=resume.reason,
+        optimizer=str(getattr(trainer.args.optim, "value", trainer.args.optim)),
+        recoveries=tuple(recoveries),
         micro_batch_tokens=largest_micro_batch(examples, schedule, packed)[0],
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        stopped_reason=stop_cb.reason,
+        stopped_reason=reason,
         padding_fraction=padding_fraction(examples, schedule, packed=packed),
+        adapter_update_norm=adapter_update_norm(trainer.model),
         log_history=list(state.log_history),
+        warnings=resume.warnings,
     )
-    log.info(
-        "training finished at step %d/%d (trainer said %s)",
-        outcome.global_step,
-        outcome.max_steps,
-        out.metrics,
-    )
+    log.info("training finished at step %d/%d", outcome.global_step, outcome.max_steps)
     return outcome
 
 
-def _last_train_loss(trainer) -> float | None:
-    for rec in reversed(trainer.state.log_history):
+def _last_train_loss(log_history: list[dict]) -> float | None:
+    for rec in reversed(log_history):
         if "loss" in rec:
             return float(rec["loss"])
     return None
-
-
-def save_checkpoint_now(trainer) -> None:
-    """Checkpoint the current step outside the Trainer's schedule (after an OOM), marked complete."""
-    trainer._save_checkpoint(trainer.model, trial=None)
-    ckpt = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-    (ckpt / COMPLETE_MARKER).write_text("{}")
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def eval_loss(
-    model, examples: Sequence[Example], pad_id: int, *, token_budget: int, max_rows: int
-) -> float | None:
-    """Mean cross-entropy per trained (assistant) token over the examples; None without examples."""
-    if not examples:
-        return None
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    plan = plan_micro_batches(
-        [len(e.input_ids) for e in examples], token_budget=token_budget, max_rows=max_rows
-    )
-    device = next(p.device for p in model.parameters())
-    for b in plan:
-        batch = collate([examples[i] for i in b], pad_id)
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        out = model(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device))
-        total += float(out.loss) * n
-        count += n
-    if was_training:
-        model.train()
-    return total / count if count else None
-
-
-def perplexity(loss: float | None) -> float | None:
-    return round(math.exp(loss), 4) if loss is not None and loss < 50 else None
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int) -> list[str]:
-    """Greedy completions for chat prompts (one at a time: few prompts, and no padding effects)."""
-    was_training = model.training
-    model.eval()
-    device = next(p.device for p in model.parameters())
-    outs = []
-    for messages in prompts:
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        ids = {k: v.to(device) for k, v in ids.items()}
-        gen = model.generate(
-            **ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            use_cache=True,
-        )
-        outs.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
-    if was_training:
-        model.train()
-    return outs
