@@ -75,6 +75,13 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def test_a_marker_without_checksums_is_used_unverified(tmp_path):
+    ckpt = fake_checkpoint(tmp_path, 7)
+    (ckpt / COMPLETE_MARKER).write_text('{"step": 7, "time": 1.0}')
+    point = find_resumable(tmp_path)
+    assert point.step == 7 and point.reason == "resuming from checkpoint-7, unverified (no checksums)"
+
+
 def test_resume_query_deletes_nothing_and_cleaning_is_separate(tmp_path):
     fake_checkpoint(tmp_path, 2)
     fake_checkpoint(tmp_path, 4, complete=False)  # a worker killed mid-write

@@ -72,10 +72,18 @@ def write_marker(ckpt: Path, *, step: int) -> None:
 
 
 def verify_checkpoint(ckpt: Path) -> str | None:
-    """None when every file the marker lists is present with its size and SHA-256; else what is wrong."""
+    """None when every file the marker lists is present with its size and SHA-256; else what is wrong.
+
+    A marker from a worker that did not record checksums (a JSON object without "files") has
+    nothing to verify against and passes; `find_resumable` says so.
+    """
     marker = read_json(ckpt / COMPLETE_MARKER)
-    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict) or not marker["files"]:
-        return f"{ckpt.name}: its completion marker is unreadable or lists no files"
+    if not isinstance(marker, dict):
+        return f"{ckpt.name}: its completion marker is unreadable"
+    if "files" not in marker:
+        return None
+    if not isinstance(marker["files"], dict) or not marker["files"]:
+        return f"{ckpt.name}: its completion marker lists no files"
     for name, want in marker["files"].items():
         path = ckpt / name
         if not path.is_file():
@@ -113,8 +121,13 @@ def find_resumable(folder: Path, *, clock: Callable[[], datetime] = lambda: date
     for ckpt in reversed(complete_checkpoints(folder)):
         problem = verify_checkpoint(ckpt)
         if problem is None:
+            checked = (
+                "verified"
+                if "files" in (read_json(ckpt / COMPLETE_MARKER) or {})
+                else "unverified (no checksums)"
+            )
             fallback = " (a newer one was corrupt)" if warnings else ""
-            return ResumePoint(ckpt, f"resuming from {ckpt.name}, verified{fallback}", tuple(warnings))
+            return ResumePoint(ckpt, f"resuming from {ckpt.name}, {checked}{fallback}", tuple(warnings))
         aside = ckpt.with_name(f"{ckpt.name}.corrupt-{clock().strftime('%Y%m%dT%H%M%SZ')}")
         ckpt.rename(aside)
         warnings.append(f"checkpoint moved aside as {aside.name}, not resumed from: {problem}")
