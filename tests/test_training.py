@@ -22,6 +22,7 @@ from training_builders import (
 from transformers import TrainerCallback
 
 from lora_worker.runtime.evaluation.loss import NonFiniteLoss, eval_loss, held_out_loss
+from lora_worker.runtime.events.progress import CostMeter, Reporter
 from lora_worker.runtime.training.callbacks import EvalCallback, ProgressCallback, StopCallback
 from lora_worker.runtime.training.checkpoints import complete_checkpoints
 from lora_worker.runtime.training.schedule import few_steps_warning, lr_factor, warmup_steps_for
@@ -122,8 +123,9 @@ def test_resume_restores_optimizer_and_schedule_exactly(tiny_model, tmp_path):
 def test_events_carry_their_own_steps_metrics_and_job_epochs(tiny_model, tmp_path, capsys):
     examples = synthetic_examples()
     model = lora_model(tiny_model)
-    events: list[dict] = []
-    progress = ProgressCallback(lambda **e: events.append(e), tokens_per_epoch=1000, num_epochs=2)
+    # a real Reporter, rate-limited so that only evaluation steps are due at once
+    reporter = Reporter("j", meter=CostMeter(0.0), channels=[], min_interval_s=3600)
+    progress = ProgressCallback(reporter, tokens_per_epoch=1000, num_epochs=2)
 
     def evaluate():
         return eval_loss(model, examples[:4], PAD_ID, token_budget=256, max_rows=4)
@@ -134,18 +136,19 @@ def test_events_carry_their_own_steps_metrics_and_job_epochs(tiny_model, tmp_pat
 
     assert "{'loss'" not in capsys.readouterr().out  # the Trainer's own printed dicts are gone
     records = step_records(outcome.log_history)
-    train_events = [e for e in events if e["step"] in records and e["metrics"]["loss"] is not None]
-    for e in train_events:  # each event has its own step's loss and LR, never the previous step's
-        assert e["metrics"]["loss"] == records[e["step"]]["loss"]
-        assert e["metrics"]["learning_rate"] == records[e["step"]]["learning_rate"]
+    events = [e for e in reporter.events if e.metrics is not None]
+    for e in events:  # each event has its own step's loss and LR, never the previous step's
+        assert e.metrics.loss == pytest.approx(records[e.step]["loss"])
+        assert e.metrics.learning_rate == pytest.approx(records[e.step]["learning_rate"])
+        assert e.metrics.epoch == records[e.step]["epoch"]
     evals = {r["step"]: r["eval_loss"] for r in outcome.log_history if "eval_loss" in r}
     assert sorted(evals) == [2, 4]  # every 2 steps, not on the last (the job evaluates after training)
-    forced = [e for e in events if e["force"]]  # the evaluation steps' events, never throttled
-    assert [e["step"] for e in forced] == [2, 4]
-    assert [e["metrics"]["eval_loss"] for e in forced] == [evals[2], evals[4]]
+    # the evaluation steps' events went out despite the rate limit, with that step's metrics
+    with_eval = [e for e in events if e.evaluation and e.evaluation.step == e.step]
+    assert [e.step for e in with_eval] == [2, 4]
+    assert [e.evaluation.eval_loss for e in with_eval] == pytest.approx([evals[2], evals[4]])
     # job epochs, not the Trainer's single pass: 2 epochs of 10 micro-batches in 5 steps of 2 (GA)
     assert [records[s]["epoch"] for s in sorted(records)] == [0.4, 0.8, 1.2, 1.6, 2.0]
-    assert [e["epoch"] for e in train_events] == [records[e["step"]]["epoch"] for e in train_events]
     assert outcome.epoch == 2.0
 
 

@@ -143,57 +143,45 @@ def history_from_log(log_history: list[dict]) -> dict[str, list[dict]]:
 
 
 class ProgressCallback(TrainerCallback):
-    """Turns Trainer logs into progress events: step, loss, LR, grad norm, eval loss, tokens, ETA.
+    """Turns the Trainer's log records into progress events: step, loss, LR, grad norm, epoch, ETA.
 
-    One event per logged step, carrying that step's training metrics; a held-out loss recorded
-    during the step (`record_eval`, before the Trainer logs it) rides on the same event, which is
-    then sent even if the reporter would otherwise throttle it. The Trainer's `state.epoch` in
-    [0, 1] covers the whole job (see trainer.py), so it is scaled by the job's number of epochs.
+    `reporter` is the job's events.Reporter. Metrics go out only with the log record of their own
+    step (one history row per step on the dashboard); a held-out loss recorded during a step
+    (`record_eval`, which runs before the Trainer logs that step) is sent by the reporter together
+    with that step's record. Epochs are the job's (JobEpochs rewrites the Trainer's 0 -> 1 count).
     """
 
-    def __init__(self, report: Callable[..., object], *, tokens_per_epoch: int, num_epochs: int):
-        self.report, self.tokens_per_epoch, self.num_epochs = report, tokens_per_epoch, num_epochs
+    def __init__(self, reporter, *, tokens_per_epoch: int, num_epochs: int):
+        self.reporter, self.tokens_per_epoch, self.num_epochs = reporter, tokens_per_epoch, num_epochs
         self._t0: float | None = None
         self._start_step = 0
-        self._eval_pending = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0, self._start_step = time.monotonic(), state.global_step
 
     def record_eval(self, state, loss: float) -> None:
-        # Into the Trainer's log history, so the eval curve is checkpointed with the train curve;
-        # sent with this step's training metrics when the Trainer logs them.
+        # Into the Trainer's log history too, so the eval curve is checkpointed with the train curve.
         state.log_history.append({"step": state.global_step, "eval_loss": float(loss)})
-        self._eval_pending = True
+        self.reporter.evaluation(step=state.global_step, eval_loss=loss)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        self._send(state, force=self._eval_pending)
-        self._eval_pending = False
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._eval_pending:
-            self._send(state, force=True)
-            self._eval_pending = False
-
-    def _send(self, state, force: bool = False) -> None:
         history = history_from_log(state.log_history)
-        last = history["train"][-1] if history["train"] else {}
-        metrics = {k: last.get(k) for k in ("loss", "learning_rate", "grad_norm")}
-        if history["eval"]:
-            metrics["eval_loss"] = history["eval"][-1]["eval_loss"]
+        last = history["train"][-1] if history["train"] else None
+        record = (
+            {k: last[k] for k in ("loss", "learning_rate", "grad_norm", "epoch")}
+            if last and last["step"] == state.global_step
+            else None
+        )
         step = state.global_step
         done = step - self._start_step
         rate = (time.monotonic() - self._t0) / done if done > 0 and self._t0 else None
-        eta = rate * (state.max_steps - step) if rate else None
         epoch = (state.epoch or 0.0) * self.num_epochs
-        self.report(
+        self.reporter.progress(
             step=step,
             total_steps=state.max_steps,
-            epoch=round(epoch, 4),
-            metrics=metrics,
+            metrics=record,
             tokens_seen=int(epoch * self.tokens_per_epoch),
-            eta_seconds=round(eta, 1) if eta is not None else None,
-            force=force,
+            eta_seconds=round(rate * (state.max_steps - step), 1) if rate else None,
         )
 
 
