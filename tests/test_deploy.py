@@ -208,6 +208,9 @@ def test_first_deploy_creates_template_then_scale_to_zero_endpoint(runpod, capsy
     assert ep["networkVolumeId"] == "vol-abc123"
     assert ep["executionTimeoutMs"] >= DAY_MS
     assert ep["gpuCount"] == 1
+    # Only hosts whose driver runs the image's CUDA: from the image's version up.
+    assert ep["allowedCudaVersions"] == deploy.DEFAULT_CUDA_VERSIONS
+    assert ep["allowedCudaVersions"][0] == deploy.IMAGE_CUDA and "13.0" in ep["allowedCudaVersions"]
     gpus = ep["gpuTypeIds"]
     assert gpus[0].startswith("NVIDIA H100")  # H100 first, ...
     assert any("A100" in g and "80" in g for g in gpus)  # ... A100 80 GB as fallback ...
@@ -309,7 +312,7 @@ def test_api_error_echoing_a_secret_is_scrubbed(runpod, capsys) -> None:
     state.fail[("POST", "/v1/templates")] = (400, json.dumps({"message": f"bad env value {HF_TOKEN}"}))
     assert deploy.main(_args(url)) == 1
     err = capsys.readouterr().err
-    assert "bad env value ***" in err
+    assert "bad env value <redacted>" in err
     _assert_no_secrets(err)
 
 
@@ -406,3 +409,29 @@ def test_rejected_long_timeout_gets_a_hint(runpod, capsys) -> None:
     err = capsys.readouterr().err
     assert "executionTimeoutMs must be at most 86400000" in err
     assert "--execution-timeout-hours 24" in err and err.count("\n") == 1
+
+
+def test_gpu_count_is_sent_and_validated(runpod, capsys) -> None:
+    state, url = runpod
+    assert deploy.main(_args(url, "--gpu-count", "0")) == 1
+    assert "--gpu-count must be 1-8, got 0" in capsys.readouterr().err
+    assert state.requests == []
+    assert deploy.main(_args(url, "--gpu-count", "2")) == 0
+    assert next(iter(state.endpoints.values()))["gpuCount"] == 2
+
+
+def test_cuda_versions_below_the_image_warn_and_unknown_ones_are_refused(runpod, capsys) -> None:
+    state, url = runpod
+    assert deploy.main(_args(url, "--allowed-cuda-versions", "11.8")) == 1
+    err = capsys.readouterr().err
+    assert "--allowed-cuda-versions 11.8: RunPod takes one of" in err and state.requests == []
+    assert deploy.main(_args(url, "--allowed-cuda-versions", "12.4,12.8")) == 0
+    err = capsys.readouterr().err
+    assert f"the image is built for CUDA {deploy.IMAGE_CUDA}; on hosts with CUDA 12.4" in err
+    assert next(iter(state.endpoints.values()))["allowedCudaVersions"] == ["12.4", "12.8"]
+
+
+def test_cuda_versions_from_the_image_version_up() -> None:
+    assert deploy.cuda_versions_from("12.6") == ["12.6", "12.7", "12.8", "12.9", "13.0"]
+    assert deploy.cuda_versions_from("13.0") == ["13.0"]
+    assert deploy.cuda_versions_from("12.10") == ["13.0"]  # compared as numbers, not as text

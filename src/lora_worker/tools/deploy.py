@@ -35,6 +35,8 @@ from typing import Any
 
 import requests
 
+from lora_worker.runtime.net import scrub
+
 DEFAULT_API_URL = "https://rest.runpod.io/v1"
 QUEUE_API_URL = "https://api.runpod.ai/v2"
 
@@ -48,9 +50,40 @@ DEFAULT_GPU_TYPE_IDS = [
     "NVIDIA A100-SXM4-80GB",
     "NVIDIA A100 80GB PCIe",
 ]
-# The image is built on CUDA 12.8 (see Dockerfile); hosts whose driver supports less would
-# fail at the first CUDA call, so only schedule onto 12.8+.
-DEFAULT_CUDA_VERSIONS = ["12.8", "12.9", "13.0"]
+# The CUDA version of the image's base (the Dockerfile's CUDA_VERSION; tests/test_dockerfile.py
+# keeps the two, .runpod/*.json and this list equal). Its torch needs a host driver for this CUDA
+# version or newer: a host with an older driver makes the GPU invisible, and REQUIRE_CUDA fails the job.
+IMAGE_CUDA = "12.6"
+# Host CUDA versions (the driver's, as nvidia-smi shows it) that RunPod's allowedCudaVersions takes,
+# oldest first. Driver R565 reports 12.7 although no 12.7 toolkit exists.
+RUNPOD_CUDA_VERSIONS = (
+    "12.0",
+    "12.1",
+    "12.2",
+    "12.3",
+    "12.4",
+    "12.5",
+    "12.6",
+    "12.7",
+    "12.8",
+    "12.9",
+    "13.0",
+)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def cuda_versions_from(minimum: str) -> list[str]:
+    """RunPod's host CUDA versions at or above `minimum`: the hosts an image built for it runs on."""
+    return [v for v in RUNPOD_CUDA_VERSIONS if _version_key(v) >= _version_key(minimum)]
+
+
+DEFAULT_CUDA_VERSIONS = cuda_versions_from(IMAGE_CUDA)
+# One GPU per worker: the job trains on one card (a 4-bit 70B fits on an 80 GB GPU).
+DEFAULT_GPU_COUNT = 1
+MAX_GPU_COUNT = 8  # the most GPUs of one type a RunPod host has
 
 # Seconds an idle worker stays up after its job. A training job runs for hours and jobs arrive
 # rarely, so a warm worker mostly burns H100 time (~$4/h); a cold start (FlashBoot on, model
@@ -102,6 +135,7 @@ class Config:
     template_name: str
     network_volume_id: str | None
     gpu_type_ids: list[str]
+    gpu_count: int
     allowed_cuda_versions: list[str]
     idle_timeout_s: int
     execution_timeout_ms: int
@@ -137,7 +171,7 @@ def endpoint_body(cfg: Config, template_id: str, *, create: bool) -> dict[str, A
         "name": cfg.name,
         "templateId": template_id,
         "gpuTypeIds": list(cfg.gpu_type_ids),
-        "gpuCount": 1,
+        "gpuCount": cfg.gpu_count,
         "allowedCudaVersions": list(cfg.allowed_cuda_versions),
         "workersMin": 0,  # scale to zero: no job, no bill
         "workersMax": cfg.workers_max,
@@ -164,13 +198,6 @@ def masked(cfg: Config, body: dict[str, Any] | None) -> dict[str, Any] | None:
         return body
     env = {k: (MASK if k in cfg.masked_keys else v) for k, v in body["env"].items()}
     return {**body, "env": env}
-
-
-def scrub(cfg: Config, text: str) -> str:
-    """Remove any secret value from text that is about to be printed (e.g. an echoed API error)."""
-    for value in cfg.secret_values:
-        text = text.replace(value, MASK)
-    return text
 
 
 def print_request(cfg: Config, req: Request, note: str = "") -> None:
@@ -211,8 +238,8 @@ class RestClient:
         if not resp.ok:
             raise DeployError(
                 scrub(
-                    self.cfg,
                     f"RunPod API error: HTTP {resp.status_code} on {method} {url}: {_api_message(resp)}",
+                    *self.cfg.secret_values,
                 )
             )
         if not resp.content:
@@ -358,10 +385,18 @@ def _parser() -> argparse.ArgumentParser:
         f"default: {', '.join(DEFAULT_GPU_TYPE_IDS)}",
     )
     p.add_argument(
+        "--gpu-count",
+        type=int,
+        default=DEFAULT_GPU_COUNT,
+        metavar="N",
+        help=f"GPUs per worker (1-{MAX_GPU_COUNT}, default {DEFAULT_GPU_COUNT}); the job trains on one",
+    )
+    p.add_argument(
         "--allowed-cuda-versions",
         nargs="+",
         metavar="VERSION",
-        help=f"host CUDA versions to schedule on; default: {' '.join(DEFAULT_CUDA_VERSIONS)}",
+        help=f"host driver CUDA versions to schedule on; default: the image's CUDA {IMAGE_CUDA} and newer "
+        f"({' '.join(DEFAULT_CUDA_VERSIONS)})",
     )
     p.add_argument(
         "--idle-timeout",
@@ -415,6 +450,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_cuda_versions(versions: list[str]) -> None:
+    """Refuse a malformed version; warn about hosts too old for the image's CUDA."""
+    if not versions:
+        raise DeployError("--allowed-cuda-versions needs at least one version")
+    for v in versions:
+        if v not in RUNPOD_CUDA_VERSIONS:
+            raise DeployError(
+                f"--allowed-cuda-versions {v}: RunPod takes one of {', '.join(RUNPOD_CUDA_VERSIONS)}"
+            )
+    older = [v for v in versions if v not in DEFAULT_CUDA_VERSIONS]
+    if older:
+        print(
+            f"warning: the image is built for CUDA {IMAGE_CUDA}; on hosts with CUDA {', '.join(older)} "
+            "its torch cannot use the GPU and jobs fail at once (REQUIRE_CUDA)",
+            file=sys.stderr,
+        )
+
+
 def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     name = args.name.strip()
     if not name:
@@ -430,6 +483,8 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config
         )
     if args.workers_max < 1:
         raise DeployError(f"--workers-max must be at least 1, got {args.workers_max}")
+    if not 1 <= args.gpu_count <= MAX_GPU_COUNT:
+        raise DeployError(f"--gpu-count must be 1-{MAX_GPU_COUNT}, got {args.gpu_count}")
 
     gpu_ids = [
         g.strip() for arg in (args.gpu_ids or DEFAULT_GPU_TYPE_IDS) for g in arg.split(",") if g.strip()
@@ -442,6 +497,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config
         for v in arg.split(",")
         if v.strip()
     ]
+    _check_cuda_versions(cuda)
 
     env: dict[str, str] = {}
     masked_keys: set[str] = set()
@@ -483,6 +539,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config
         template_name=f"{name}-template",
         network_volume_id=(args.network_volume_id or "").strip() or None,
         gpu_type_ids=gpu_ids,
+        gpu_count=args.gpu_count,
         allowed_cuda_versions=cuda,
         idle_timeout_s=args.idle_timeout,
         execution_timeout_ms=round(args.execution_timeout_hours * 3600 * 1000),
@@ -521,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         _, endpoint_id = deploy(RestClient(args.api_url, api_key, cfg), cfg)
     except DeployError as exc:
-        message = scrub(cfg, str(exc)) if cfg else str(exc)
+        message = scrub(str(exc), *cfg.secret_values) if cfg else str(exc)
         print(f"error: {message}", file=sys.stderr)
         return 1
 

@@ -21,9 +21,9 @@ from lora_worker.tools.bench.record import format_table, one_line
 from lora_worker.tools.bench.runner import RESULT_MARK, Runner, find_max_budget
 from lora_worker.tools.bench.shapes import SHAPES, RunSpec, Shape, parse_ints, parse_runs, plan_runs
 
-# 78 GiB: what an 80 GB H100 leaves the process after the CUDA context (80 GB = 74.5 GiB is the
-# marketing figure's decimal GB; the card reports 79.6 GiB, of which ~1 GiB goes to the context and
-# the paged optimizer's managed memory), so figures taken on a larger card stand for an H100.
+# An 80 GB H100 shows torch about 79.2 GiB; the CUDA context and the paged optimizer's managed
+# memory sit outside the allocator's count, which leaves a process about 78 GiB to allocate. The
+# cap makes a run on a larger card (an H200) stand for what an H100 can hold.
 DEFAULT_CAP_GIB = 78.0
 DEFAULT_BUDGETS, TINY_BUDGETS = "2048,8192,16384,32768", "128,256"
 

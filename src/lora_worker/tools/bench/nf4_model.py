@@ -17,7 +17,8 @@ import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from lora_worker.runtime.data.formats import IGNORE_INDEX, Example
+from lora_worker.runtime.data.conversation import IGNORE_INDEX
+from lora_worker.runtime.data.examples import Example
 from lora_worker.tools.bench.shapes import Shape
 
 INIT_STD = 0.02  # activations stay finite through 80 random layers

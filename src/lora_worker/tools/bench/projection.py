@@ -14,7 +14,9 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from lora_worker.runtime.data.formats import load_conversations, plan_micro_batches, prepare_dataset
+from lora_worker.runtime.data.batches import plan_micro_batches
+from lora_worker.runtime.data.formats import load_conversations
+from lora_worker.runtime.data.prepare import prepare_dataset
 from lora_worker.runtime.gpu_rates import GPU_RATES
 from lora_worker.tools.tiny_model import build_tokenizer
 
