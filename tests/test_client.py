@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import socket
@@ -9,6 +10,7 @@ import threading
 
 import pytest
 
+from lora_worker.runtime.spec import Hyperparameters
 from lora_worker.tools import client as cli
 from lora_worker.tools.local_endpoint import LocalEndpoint
 
@@ -157,3 +159,23 @@ def test_job_policy_covers_the_jobs_own_time_limit():
         "executionTimeout": 31 * 3_600_000,
         "ttl": 54 * 3_600_000,
     }
+
+
+@pytest.mark.parametrize("command", ["submit", "status", "cancel"])
+def test_help_describes_every_argument_and_shows_defaults(command, capsys):
+    assert cli.main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    parser = cli._parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    assert sub.description and sub.description.split()[0] in text
+    for action in sub._actions:
+        assert action.help, f"{command} {action.option_strings or action.dest} has no help text"
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in " ".join(text.split()), action.dest
+    if command == "submit":
+        flat = " ".join(text.split())
+        assert "(default: 1.5)" in flat  # --poll-s
+        # Flags that leave the job input alone name what the job then uses, from the job spec itself.
+        assert f"(job default: {Hyperparameters().num_epochs})" in flat
+        assert f"(job default: {Hyperparameters().learning_rate})" in flat
+        assert "(default: None)" not in flat

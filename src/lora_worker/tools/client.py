@@ -22,6 +22,9 @@ from urllib.parse import urlsplit
 
 import requests
 
+from lora_worker.runtime.net import is_loopback
+from lora_worker.runtime.spec import Hyperparameters, JobSpec
+
 RUNPOD_API = "https://api.runpod.ai/v2"
 FINAL_EXIT = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 2, "TIMED_OUT": 2}
 EXIT_CLIENT_ERROR = 3
@@ -269,29 +272,64 @@ class ProgressView:
 # ---------------------------------------------------------------------------------- commands
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lora_worker", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where the default is "not given" (None or False):
+    those flags leave the job input alone, and their help says what the job then uses."""
 
-    def endpoint_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--url", help="API base of a local endpoint, e.g. http://127.0.0.1:8000/v2/local")
-        sp.add_argument(
-            "--endpoint-id",
-            default=os.environ.get("RUNPOD_ENDPOINT_ID"),
-            help="RunPod endpoint id (default: $RUNPOD_ENDPOINT_ID); the key comes from $RUNPOD_API_KEY",
-        )
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
-    s = sub.add_parser("submit", help="submit a training job")
-    endpoint_args(s)
-    s.add_argument("--dataset", help="https URL (dataset_url) or a path (dataset_path)")
-    s.add_argument("--base-model", help="Hugging Face repo id or a model directory")
-    s.add_argument("--epochs", type=int, help="hyperparameters.num_epochs")
-    s.add_argument("--lr", type=float, help="hyperparameters.learning_rate")
-    s.add_argument("--lora-r", type=int, help="hyperparameters.lora_r")
-    s.add_argument("--lora-alpha", type=int, help="hyperparameters.lora_alpha")
-    s.add_argument("--max-seq-length", type=int, help="hyperparameters.max_seq_length")
-    s.add_argument("--batch-size", type=int, help="hyperparameters.batch_size")
-    s.add_argument("--grad-accum", type=int, help="hyperparameters.gradient_accumulation_steps")
+
+SUBMIT_DESCRIPTION = """\
+Submit one training job to an endpoint: the job input comes from --input-json and/or the flags
+below (flags override the file), is sent to the endpoint's /run with a per-job RunPod policy sized
+to max_duration_hours, and the accepted job's id is printed. With --wait, progress is drawn on
+stderr until the job ends, then its output JSON is printed on stdout and the exit code says how it
+ended (0 completed, 1 failed, 2 cancelled or timed out, 3 a client or API error).
+"""
+
+
+def _hyperparameter_help(key: str) -> str:
+    field = Hyperparameters.model_fields[key]
+    return f"hyperparameters.{key}: {field.description} (job default: {field.default})"
+
+
+def _endpoint_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--url", help="API base of a local endpoint, e.g. http://127.0.0.1:8000/v2/local (instead of RunPod)"
+    )
+    sp.add_argument(
+        "--endpoint-id",
+        default=os.environ.get("RUNPOD_ENDPOINT_ID"),
+        help="RunPod endpoint id, from $RUNPOD_ENDPOINT_ID when set; the API key comes from $RUNPOD_API_KEY",
+    )
+
+
+def _submit_parser(sub) -> None:
+    s = sub.add_parser(
+        "submit",
+        help="submit a training job",
+        description=SUBMIT_DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+    _endpoint_args(s)
+    s.add_argument("--dataset", help="dataset: an https URL (sent as dataset_url) or a path (dataset_path)")
+    base_default = JobSpec.model_fields["base_model"].default
+    s.add_argument(
+        "--base-model", help=f"Hugging Face repo id or a model directory (job default: {base_default})"
+    )
+    for flag, dest, kind in (
+        ("--epochs", "epochs", int),
+        ("--lr", "lr", float),
+        ("--lora-r", "lora_r", int),
+        ("--lora-alpha", "lora_alpha", int),
+        ("--max-seq-length", "max_seq_length", int),
+        ("--batch-size", "batch_size", int),
+        ("--grad-accum", "grad_accum", int),
+    ):
+        s.add_argument(flag, dest=dest, type=kind, help=_hyperparameter_help(HYPERPARAMETER_FLAGS[dest]))
     s.add_argument("--job-id", help="names jobs/<job_id>/ on the volume; resubmit the same id to resume")
     s.add_argument("--webhook-url", help="signed progress webhooks go here (the worker needs WEBHOOK_SECRET)")
     s.add_argument("--input-json", help="a JSON file with the full input; the flags above override it")
@@ -300,18 +338,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--poll-s", type=float, default=1.5, help="seconds between /status polls with --wait")
 
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lora_worker", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    _submit_parser(sub)
     for name, help_ in (("status", "print a job's status JSON"), ("cancel", "cancel a job")):
-        c = sub.add_parser(name, help=help_)
-        endpoint_args(c)
-        c.add_argument("job_id")
+        c = sub.add_parser(
+            name, help=help_, description=f"{help_[0].upper()}{help_[1:]}.", formatter_class=_HelpFormatter
+        )
+        _endpoint_args(c)
+        c.add_argument("job_id", help="the id /run returned (or submit printed)")
     return p
 
 
 def _client(a: argparse.Namespace) -> tuple[EndpointClient, bool]:
     key = (os.environ.get("RUNPOD_API_KEY") or "").strip() or None
     if a.url:
-        host = urlsplit(a.url).hostname or ""
-        return EndpointClient(a.url, key), host in ("127.0.0.1", "localhost", "::1")
+        return EndpointClient(a.url, key), is_loopback(urlsplit(a.url).hostname)
     if not a.endpoint_id:
         raise ClientError("no endpoint: give --url (local) or --endpoint-id (or set RUNPOD_ENDPOINT_ID)")
     if not key:
