@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lora_worker.tools.fetch_model",
         "download a base model onto the volume ahead of jobs",
     ),
-    "run": ("lora_worker.runtime.job", "run one job from a JSON input file, without the RunPod queue"),
+    "run": ("lora_worker.tools.run_job", "run one job from a JSON input file, without the RunPod queue"),
     "bench": ("lora_worker.tools.bench.bench", "measure 70B-shaped QLoRA throughput and memory on the GPU"),
     "deploy": ("lora_worker.tools.deploy", "create or update the RunPod template and scale-to-zero endpoint"),
     "local-endpoint": (

@@ -73,6 +73,7 @@ class Attempt(_Model):
     status: str = Field(description="completed / failed / cancelled, or running while under way.")
     resumed_from_step: int | None = None
     gpu: str = "cpu"
+    last_sequence: int = Field(0, description="The last event sequence number this attempt sent.")
 
 
 class JobResult(_Model):
@@ -88,6 +89,7 @@ class JobResult(_Model):
     verdict: Verdict | None = None
     outcome: Outcome | None = None
     dry_run: bool = False
+    replayed: bool = Field(False, description="True when a completed job's stored result was returned again.")
     lora_artifact_path: str | None = None
     adapter: AdapterFiles | None = None
     report: ReportFiles | None = None

@@ -89,3 +89,12 @@ def out_of_memory_message(err: BaseException) -> str | None:
         return None
     first = (str(err).strip().splitlines() or [""])[0]
     return f"{type(err).__name__}: {first[:300]}"
+
+
+def peak_memory_gib() -> float | None:
+    """Peak memory PyTorch allocated on CUDA device 0 in this process (GiB), or None on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated(0) / GiB, 2)

@@ -173,6 +173,8 @@ class AttemptLog:
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self.previous = _read_attempts(paths.attempts)
         self.resumed_from_step: int | None = None
+        self.status = "running"
+        self.last_sequence = max((a.last_sequence for a in self.previous), default=0)
 
     def seconds(self) -> float:
         """Seconds of this attempt so far."""
@@ -187,7 +189,7 @@ class AttemptLog:
     def total_cost(self) -> float:
         return round(sum(a.cost_usd for a in self.previous) + self.cost(), 4)
 
-    def current(self, status: str = "running") -> Attempt:
+    def current(self, status: str) -> Attempt:
         return Attempt(
             started_at=self.started_at,
             seconds=round(self.seconds(), 1),
@@ -195,18 +197,25 @@ class AttemptLog:
             status=status,
             resumed_from_step=self.resumed_from_step,
             gpu=self.gpu,
+            last_sequence=self.last_sequence,
         )
 
-    def all(self, status: str = "running") -> list[Attempt]:
-        return [*self.previous, self.current(status)]
+    def all(self) -> list[Attempt]:
+        return [*self.previous, self.current(self.status)]
 
-    def record(self, status: str = "running") -> None:
-        """Best effort: a full volume must not turn bookkeeping into a failed job."""
+    def next_sequence(self) -> int:
+        """Where this attempt's events continue the job's count (receivers drop non-increasing ones)."""
+        return self.last_sequence + 1
+
+    def record(self, status: str | None = None) -> None:
+        """Rewrite this attempt's entry; best effort: a full volume must not fail the job."""
+        self.status = status or self.status
         with contextlib.suppress(OSError):
-            atomic_write_json(self.path, [a.model_dump() for a in self.all(status)])
+            atomic_write_json(self.path, [a.model_dump() for a in self.all()])
 
     # The reporter's channel interface: every event refreshes this attempt's entry.
     def send(self, event: Any, *, kind: str = "progress") -> None:
+        self.last_sequence = max(self.last_sequence, int(event.get("sequence") or 0))
         self.record()
 
     def close(self, timeout_s: float = 0.0) -> bool:

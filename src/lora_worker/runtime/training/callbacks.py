@@ -24,7 +24,9 @@ class StopCallback(TrainerCallback):
 
     Checked after every optimizer step, so a stop lands within one step. The limit check looks one
     step ahead (with a 1.5x margin on the last step's duration), so the final checkpoint is written
-    before the limit rather than after it.
+    before the limit rather than after it. `elapsed()` is this attempt's seconds (the time limit is
+    per attempt); `prior_cost_usd` is what earlier attempts of the job spent (the cost limit is the
+    job's budget).
     """
 
     def __init__(
@@ -35,9 +37,10 @@ class StopCallback(TrainerCallback):
         max_cost_usd: float | None,
         hourly_usd: float,
         elapsed: Callable[[], float],
+        prior_cost_usd: float = 0.0,
     ):
         self.cancel, self.max_seconds, self.max_cost = cancel, max_seconds, max_cost_usd
-        self.hourly, self.elapsed = hourly_usd, elapsed
+        self.hourly, self.elapsed, self.prior_cost = hourly_usd, elapsed, prior_cost_usd
         self.reason: str | None = None
         self._step_started = time.monotonic()
         self._last_step_s = 0.0
@@ -56,7 +59,7 @@ class StopCallback(TrainerCallback):
             self.reason = (
                 f"time limit: max_duration_hours={self.max_seconds / 3600:g} would be passed by the next step"
             )
-        elif self.max_cost is not None and next_end / 3600 * self.hourly >= self.max_cost:
+        elif self.max_cost is not None and self.prior_cost + next_end / 3600 * self.hourly >= self.max_cost:
             self.reason = f"cost limit: max_cost_usd={self.max_cost:g} would be passed by the next step"
         if self.reason:
             control.should_save = True

@@ -1,0 +1,132 @@
+"""The job's evidence, assembled: the typed report, its files, and the archive that ships them with
+the adapter."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from lora_worker.runtime.contracts import AdapterFiles, Metrics, Outcome, Report, ReportFiles
+from lora_worker.runtime.data import PreparedData
+from lora_worker.runtime.delivery.archive import archive_dir
+from lora_worker.runtime.delivery.report import write_report
+from lora_worker.runtime.device import Device, peak_memory_gib
+from lora_worker.runtime.evaluation.loss import HeldOutLoss, perplexity
+from lora_worker.runtime.jobdir import AttemptLog, JobPaths
+from lora_worker.runtime.plan import Plan
+from lora_worker.runtime.spec import JobSpec
+from lora_worker.runtime.training.callbacks import history_from_log
+from lora_worker.runtime.training.trainer import TrainOutcome
+
+Losses = tuple[HeldOutLoss | None, HeldOutLoss | None]
+
+
+def package_outputs(
+    spec: JobSpec,
+    paths: JobPaths,
+    data: PreparedData,
+    plan: Plan,
+    outcome: TrainOutcome,
+    verdict: Outcome,
+    losses: Losses,
+    samples: list[dict],
+    adapter: Path,
+    attempt: AttemptLog,
+    device: Device,
+    warnings: list[str],
+    timings: dict[str, float],
+) -> tuple[Report, ReportFiles, AdapterFiles]:
+    """Write the report, archive adapter + report, and write the report again naming the archive
+    (the copy on the volume names the archive; the archived copy cannot name itself)."""
+    report = build_report(
+        spec, data, plan, outcome, verdict, losses, samples, attempt, device, warnings, timings
+    )
+    write_report(paths.report, report.model_dump(mode="json"))
+    archive = archive_dir({"adapter": adapter, "report": paths.report}, paths.archive)
+    files = AdapterFiles(
+        path=str(adapter), archive=archive["path"], sha256=archive["sha256"], size_bytes=archive["size_bytes"]
+    )
+    report = report.model_copy(update={"adapter": files})
+    written = write_report(paths.report, report.model_dump(mode="json"))
+    return report, ReportFiles(**{k: str(v) for k, v in written.items()}), files
+
+
+def build_report(
+    spec: JobSpec,
+    data: PreparedData,
+    plan: Plan,
+    outcome: TrainOutcome,
+    verdict: Outcome,
+    losses: Losses,
+    samples: list[dict],
+    attempt: AttemptLog,
+    device: Device,
+    warnings: list[str],
+    timings: dict[str, float],
+) -> Report:
+    before, after = losses
+    eval_s = timings.get("eval_before", 0.0) + timings.get("evaluate", 0.0)
+    return Report(
+        job_id=spec.job_id,
+        status="completed",
+        verdict=verdict.verdict,
+        headline=verdict.reason,
+        outcome=verdict,
+        base_model=spec.base_model,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        resumed=outcome.resumed_from_step is not None or bool(attempt.previous),
+        attempts=attempt.all(),
+        dataset=data.summary.as_dict(),
+        settings={
+            **spec.hyperparameters.model_dump(),
+            **spec.training.model_dump(),
+            "micro_batch_tokens": outcome.micro_batch_tokens,
+            "gradient_accumulation_steps": outcome.gradient_accumulation_steps,
+            "optimizer_used": outcome.optimizer,
+            "device": device.kind,
+            "gpu": device.name,
+        },
+        metrics=metrics_from(outcome, losses, data, peak_memory_gib()),
+        history=_history(outcome, before, after),
+        samples=samples,
+        timings_s=dict(timings),
+        gpu=device.name,
+        gpu_seconds=attempt.total_seconds(),
+        cost_usd=attempt.total_cost(),
+        eval_cost_usd=round(eval_s / 3600 * attempt.hourly, 4),
+        warnings=list(dict.fromkeys(warnings)),
+    )
+
+
+def metrics_from(
+    outcome: TrainOutcome, losses: Losses, data: PreparedData, peak_gib: float | None
+) -> Metrics:
+    b, a = (x.mean if x else None for x in losses)
+    tokens_this_run = int(outcome.epochs_this_run * data.summary.tokens_total)  # the rate: this attempt only
+    return Metrics(
+        train_loss=outcome.train_loss,
+        eval_loss_before=b,
+        eval_loss_after=a,
+        perplexity_before=perplexity(b),
+        perplexity_after=perplexity(a),
+        steps=outcome.global_step,
+        total_steps=outcome.max_steps,
+        epochs=round(outcome.epoch, 4),
+        tokens_trained=int(outcome.epoch * data.summary.tokens_total),
+        tokens_per_second=round(tokens_this_run / outcome.train_seconds, 1)
+        if outcome.train_seconds
+        else None,
+        peak_gpu_memory_gib=peak_gib,
+        padding_fraction=outcome.padding_fraction,
+    )
+
+
+def _history(outcome: TrainOutcome, before: HeldOutLoss | None, after: HeldOutLoss | None) -> dict:
+    """The training curve, and the held-out curve from the base model (step 0) to the final adapter."""
+    h = history_from_log(outcome.log_history)
+    evals = [e for e in h["eval"] if e["step"] not in (0, outcome.global_step)]
+    if before is not None:
+        evals.insert(0, {"step": 0, "eval_loss": before.mean})
+    if after is not None:
+        evals.append({"step": outcome.global_step, "eval_loss": after.mean})
+    return {"train": h["train"], "eval": evals}
