@@ -16,10 +16,15 @@ Locally, `python handler.py` runs test_input.json (the runpod SDK's local test m
 """
 
 import logging
+import os
 
-import runpod
+# The SDK logs every job input (presigned upload URLs included) and output at its default DEBUG
+# level; WARN keeps its warnings and errors only. RUNPOD_LOG_LEVEL still overrides it.
+os.environ.setdefault("RUNPOD_LOG_LEVEL", "WARN")
 
-from lora_worker.runtime.handler import concurrency, handler
+import runpod  # noqa: E402  (after the log level, which the SDK reads at import)
+
+from lora_worker.runtime.handler import concurrency, handler  # noqa: E402
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

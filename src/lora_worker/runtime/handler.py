@@ -9,10 +9,11 @@ re-raises the cancellation as the SDK requires, so the next job starts on a clea
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 
+from lora_worker.runtime.device import detect_device
+from lora_worker.runtime.files import dumps_strict
 from lora_worker.runtime.job import run_job
 from lora_worker.runtime.settings import Settings
 
@@ -57,7 +58,12 @@ async def handler(job: dict) -> dict:
                 continue
         raise
     if not env.runpod_queue:
-        print(json.dumps(result, indent=2, default=str), flush=True)
+        print(dumps_strict(result), flush=True)  # local test mode: the output, once
+        return result
+    if detect_device().is_cuda:
+        # A fresh worker process for the next job: bitsandbytes' paged optimizer memory and Liger's
+        # class-level patches outlive a job inside one process (the SDK pops this key).
+        return {**result, "refresh_worker": True}
     return result
 
 

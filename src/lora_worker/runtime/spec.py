@@ -144,6 +144,34 @@ class EvaluationOptions(_Strict):
         10, ge=0, le=100, description="Held-out prompts generated before and after training."
     )
     max_new_tokens: int = Field(256, ge=1, le=4096, description="Generation length for the samples.")
+    scenarios_path: str | None = Field(
+        None,
+        description="JSONL of scenarios (chat messages up to a user turn, optional tags and reference reply) "
+        "on the volume; default: turns of the held-out conversations, stratified.",
+    )
+    scenarios_url: str | None = Field(None, description="HTTPS URL of the same JSONL.")
+    num_scenarios: int = Field(
+        20, ge=0, le=500, description="Scenarios answered by the base and the adapted model (0: none)."
+    )
+    judge: Literal["auto", "none", "self", "openai"] = Field(
+        "auto",
+        description="Who compares base and adapted replies: `self` (the base model, adapter disabled), `openai` "
+        "(JUDGE_BASE_URL/JUDGE_API_KEY/JUDGE_MODEL on the worker), `none`; `auto`: self on a GPU, none on the CPU.",
+    )
+    max_judge_minutes: float = Field(
+        30.0,
+        gt=0,
+        le=1440,
+        description="Bound on the judge's estimated time; fewer scenarios are judged beyond it.",
+    )
+    forgetting_probe: bool = Field(
+        True, description="Loss on a shipped general-ability set before and after (catastrophic forgetting)."
+    )
+
+    @field_validator("scenarios_url")
+    @classmethod
+    def _scenarios_https(cls, v: str | None) -> str | None:
+        return None if v is None else _check_url(v, allow_loopback_http=True)
 
 
 class OutputOptions(_Strict):
@@ -181,6 +209,7 @@ class OutputOptions(_Strict):
 class JobSpec(_Strict):
     """One training job. Exactly one of `dataset_url` and `dataset_path` is required."""
 
+    task: Literal["train"] = Field("train", description="`train` (default), `generate` or `list`: see below.")
     job_id: str | None = Field(
         None,
         description="Names the job's folder `jobs/<job_id>/`; default: the RunPod job id. Resubmit to resume.",
@@ -199,6 +228,11 @@ class JobSpec(_Strict):
     )
     base_model_revision: str | None = Field(
         None, description="Hub revision (branch, tag or commit) of the base model."
+    )
+    init_adapter: str | None = Field(
+        None,
+        description="Start from a previous adapter (a job_id on this volume, or an adapter folder) instead of a "
+        "fresh one; the report then compares with it as well as with the base.",
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="See below.")
     data: DataOptions = Field(default_factory=DataOptions, description="See below.")
