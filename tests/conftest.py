@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,16 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """The sample's first 6 conversations: a job that trains, holds one out and samples, in seconds."""
+    doc = json.loads(SAMPLE.read_text(encoding="utf-8"))
+    doc["conversations"] = doc["conversations"][:6]
+    path = tmp_path_factory.mktemp("data") / "brightrun-small-6.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    return path
+
+
 def tiny_job(tiny_model: Path, **over) -> dict:
     """A small job on the tiny model and the shipped sample; keyword groups merge into the defaults."""
     job = {
@@ -42,6 +54,17 @@ def tiny_job(tiny_model: Path, **over) -> dict:
     return merge_groups(job, **over)
 
 
+def small_job(tiny_model: Path, small_dataset: Path, **over) -> dict:
+    """One epoch on 6 conversations, one optimizer step per micro-batch: the cheapest real job."""
+    job = tiny_job(
+        tiny_model,
+        dataset_path=str(small_dataset),
+        hyperparameters={"num_epochs": 1, "gradient_accumulation_steps": 1},
+        evaluation={"num_samples": 1, "max_new_tokens": 4, "num_scenarios": 0},
+    )
+    return merge_groups(job, **over)
+
+
 def merge_groups(job: dict, **over) -> dict:
     """`job` with each keyword applied: a dict merges into that group, anything else replaces it."""
     for k, v in over.items():
@@ -49,27 +72,44 @@ def merge_groups(job: dict, **over) -> dict:
     return job
 
 
+class Recorder:
+    """An event channel that keeps every event the job sends, in order (for tests)."""
+
+    def __init__(self, on_event=None):
+        self.events: list[dict] = []
+        self.on_event = on_event
+
+    def send(self, event, *, kind):
+        self.events.append(dict(event))
+        if self.on_event:
+            self.on_event(event)
+
+    def close(self, timeout_s):
+        return True
+
+
 class LoopbackServer:
     """A real HTTP server on 127.0.0.1 that records every request and answers with `respond`.
 
     `respond(method, path, headers, body)` gives the status code, or (status, response body);
-    requests are kept as (method, path, lower-cased headers, body).
+    requests are kept as (method, path, lower-cased headers, body, arrival unix time).
     """
 
     def __init__(self, respond=lambda method, path, headers, body: 200):
-        import threading
+        import time
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        self.requests: list[tuple[str, str, dict, bytes]] = []
+        self.requests: list[tuple[str, str, dict, bytes, float]] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                arrived = time.time()
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 answer = respond(self.command, self.path, headers, body)
                 code, payload = answer if isinstance(answer, tuple) else (answer, b"")
-                outer.requests.append((self.command, self.path, headers, body))
+                outer.requests.append((self.command, self.path, headers, body, arrived))
                 self.send_response(code)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
@@ -87,3 +127,18 @@ class LoopbackServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server holding the studio's dashboard tables (tests/seed_dashboard.py)."""
+    import seed_dashboard
+
+    yield from seed_dashboard.postgres_server()
+
+
+@pytest.fixture
+def dashboard_db(postgres):
+    import seed_dashboard
+
+    yield from seed_dashboard.fresh_database(postgres)

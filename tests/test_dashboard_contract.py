@@ -30,16 +30,6 @@ from lora_worker.runtime.events.signing import encode_event
 psycopg = seed_dashboard.require_psycopg()
 
 
-@pytest.fixture(scope="session")
-def postgres():
-    yield from seed_dashboard.postgres_server()
-
-
-@pytest.fixture
-def dashboard_db(postgres):
-    yield from seed_dashboard.fresh_database(postgres)
-
-
 class Clock:
     def __init__(self) -> None:
         self.t = 0.0

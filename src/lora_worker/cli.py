@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "download a base model onto the volume ahead of jobs",
     ),
     "run": ("lora_worker.tools.run_job", "run one job from a JSON input file, without the RunPod queue"),
-    "bench": ("lora_worker.tools.bench.bench", "measure 70B-shaped QLoRA throughput and memory on the GPU"),
+    "bench": ("lora_worker.tools.bench.cli", "measure 70B-shaped QLoRA throughput and memory on the GPU"),
     "deploy": ("lora_worker.tools.deploy", "create or update the RunPod template and scale-to-zero endpoint"),
     "local-endpoint": (
         "lora_worker.tools.local_endpoint",
@@ -51,7 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
+    name = COMMANDS[command][0]
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if name.startswith("lora_worker.tools.") and err.name and err.name.startswith("lora_worker.tools"):
+            print(
+                f"{command!r} is an operator tool, not shipped in the worker image; run it from a checkout "
+                "of the repository (make demo sets one up)",
+                file=sys.stderr,
+            )
+            return 2
+        raise
     # client.py serves three commands; it gets the command name as its first argument.
     if module.__name__ == "lora_worker.tools.client":
         return int(module.main([command, *rest]) or 0)

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from lora_worker.runtime import jobdir, outcomes
+from lora_worker.runtime import jobdir, outcomes, redaction
 from lora_worker.runtime.contracts import JobResult
 from lora_worker.runtime.data import (
     PreparedData,
@@ -92,6 +92,7 @@ def run_job(
     RunPod `/status` channel (tests).
     """
     settings = settings or Settings.from_env()
+    redaction.install(settings.secrets())
     cancel = cancel or threading.Event()
     runpod_id = (runpod_job or {}).get("id", default_job_id)
     try:
@@ -215,7 +216,7 @@ def train_job(
             return measure(model)
 
     loaded_model, before = load_checked(weights, tokenizer, spec, settings.volume_dir, baseline)
-    watch.timings["model_load"] = round(sum(loaded_model.timings.values()), 2)
+    watch.timings.update({f"model_{k}": v for k, v in loaded_model.timings.items()})
     model = loaded_model.model
     warnings += loaded_model.warnings
     reporter.stage("model_loaded", model=loaded_model.info(device.name))
