@@ -45,7 +45,7 @@ from lora_worker.runtime.events.runpod_status import RunPodChannel
 from lora_worker.runtime.events.webhooks import WebhookSender
 from lora_worker.runtime.jobdir import AttemptLog, JobPaths, JobRefused
 from lora_worker.runtime.model.load import load_tokenizer
-from lora_worker.runtime.model.prepare import load_checked
+from lora_worker.runtime.model.prepare import LoadedModel, load_checked
 from lora_worker.runtime.model.resolve import resolve_model_meta, resolve_model_weights
 from lora_worker.runtime.outcomes import JobCancelled
 from lora_worker.runtime.plan import eval_token_budget, plan_job, train_config
@@ -164,7 +164,7 @@ def train_job(
         return outcomes.replay(stored)
     attempt.resumed_from_step = resume.step
     reporter.stage("queued")
-    reporter.stage("preprocessing")
+    reporter.stage("fetching_dataset")
     with watch("dataset_load"):
         loaded = load_dataset(
             dataset.path, spec.dataset_format, fold=spec.training.fold_conversations,
@@ -209,17 +209,17 @@ def train_job(
             model, data.eval, pad_id, token_budget=eval_token_budget(spec), max_rows=hp.batch_size
         )
 
-    def baseline(
-        model,
-    ) -> HeldOutLoss | None:  # the base model's held-out loss (a fresh adapter is the identity)
+    def baseline(loaded: LoadedModel) -> HeldOutLoss | None:
+        """The base model's held-out loss: a fresh adapter is the identity."""
+        reporter.stage("model_loaded", model=loaded.info(device.name))
+        reporter.stage("baseline_eval")
         with watch("eval_before"):
-            return measure(model)
+            return measure(loaded.model)
 
     loaded_model, before = load_checked(weights, tokenizer, spec, settings.volume_dir, baseline)
     watch.timings.update({f"model_{k}": v for k, v in loaded_model.timings.items()})
     model = loaded_model.model
     warnings += loaded_model.warnings
-    reporter.stage("model_loaded", model=loaded_model.info(device.name))
     reporter.baseline(_mean(before))
     outcomes.stop_if_cancelled(cancel)
     reporter.stage("training", resumed_from_step=resume.step)

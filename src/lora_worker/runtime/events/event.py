@@ -31,8 +31,8 @@ Status = Literal["queued", "preprocessing", "model_loaded", "training", "complet
 Stage = Literal[
     "queued",
     "fetching_dataset",
-    "preprocessing",
     "resolving_model",
+    "preprocessing",
     "downloading_model",
     "model_loading",
     "model_loaded",
@@ -76,7 +76,7 @@ STAGE_STATUS: dict[str, str] = {
 # What each stage says in `message` when the caller gives no line of its own.
 STAGE_MESSAGES: dict[str, str] = {
     "queued": "queued on the worker",
-    "fetching_dataset": "fetching the dataset",
+    "fetching_dataset": "reading and validating the dataset",
     "preprocessing": "validating and tokenizing the dataset",
     "resolving_model": "fetching the base model's config and tokenizer",
     "downloading_model": "fetching the base model's weights",

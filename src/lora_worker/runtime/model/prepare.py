@@ -98,13 +98,13 @@ def load_checked(
     tokenizer,
     spec: JobSpec,
     volume_dir: Path,
-    first_eval: Callable[[Any], T],
+    first_eval: Callable[[LoadedModel], T],
 ) -> tuple[LoadedModel, T]:
-    """Load, then run `first_eval(model)`; a non-finite result from an NF4 copy discards the copy
+    """Load, then run `first_eval(loaded)`; a non-finite result from an NF4 copy discards the copy
     and rebuilds from the original weights once. Raises NonFiniteLoss when the rebuild fails too."""
     loaded = load_for_training(resolved, tokenizer, spec, volume_dir)
     try:
-        return loaded, first_eval(loaded.model)
+        return loaded, first_eval(loaded)
     except NonFiniteLoss as err:
         if loaded.from_copy is None:
             raise NonFiniteLoss(
@@ -124,7 +124,7 @@ def load_checked(
         f"the saved NF4 copy of the base model gave a non-finite loss and was moved aside to {moved}; "
         "the model was rebuilt from the original weights",
     )
-    return rebuilt, first_eval(rebuilt.model)
+    return rebuilt, first_eval(rebuilt)
 
 
 def liger_active(model) -> bool:
