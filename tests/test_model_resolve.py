@@ -497,34 +497,3 @@ def test_fetch_model_command_prints_the_result(
 
     assert fetch_model.main(["test-org/no-such-model", "--volume-dir", str(volume)]) == 2
     assert "was not found on the Hugging Face Hub" in capsys.readouterr().err
-
-
-# --------------------------------------------------------------------------------------------------
-# Through a whole job
-
-
-@pytest.mark.e2e
-def test_job_downloads_once_then_starts_from_the_saved_nf4_copy(hub: FakeHub, volume: Path) -> None:
-    """A first job quantizes on load and saves the NF4 copy; the next job loads that copy instead,
-    with the same base model (same held-out loss before training)."""
-    from lora_worker.runtime.job import run_job
-    from lora_worker.runtime.settings import Settings
-
-    settings = Settings.from_env({"VOLUME_DIR": str(volume), "HF_ENDPOINT": hub.url})
-    job = {
-        "dataset_path": str(Path(__file__).resolve().parents[1] / "examples" / "brightrun-sample-24.json"),
-        "base_model": MODEL,
-        "hyperparameters": {"num_epochs": 1, "max_seq_length": 1024, "gradient_accumulation_steps": 4},
-        "evaluation": {"num_samples": 0},
-    }
-    first = run_job({**job, "job_id": "first", "dry_run": False}, settings=settings)
-    assert first["status"] == "completed", first
-    assert "model_load_quantize" in first["timings_s"] and "model_save_prequantized" in first["timings_s"]
-    fetched = len(hub.requests)
-    second = run_job({**job, "job_id": "second"}, settings=settings)
-    assert second["status"] == "completed", second
-    assert (
-        "model_load_prequantized" in second["timings_s"] and "model_load_quantize" not in second["timings_s"]
-    )
-    assert len(hub.requests) == fetched  # nothing downloaded again
-    assert second["metrics"]["eval_loss_before"] == first["metrics"]["eval_loss_before"]

@@ -241,6 +241,8 @@ def train_job(
         per_conversation_before=before.per_conversation if before else None,
         per_conversation_after=after.per_conversation if after else None, seed=hp.seed,
     )  # fmt: skip
+    if verdict.verdict == "not_measured":
+        warnings.append(f"no verdict: {verdict.reason}")
     reporter.stage("saving")
     with watch("save"):
         adapter = save_adapter(model, tokenizer, paths.adapter)

@@ -220,7 +220,9 @@ def describe_loss(length: LengthReport, max_seq_length: int) -> str:
     )
 
 
-def _warnings(length: LengthReport, max_seq_length: int, eval_conversations: int) -> list[str]:
+def _warnings(
+    length: LengthReport, max_seq_length: int, eval_conversations: int, eval_examples: int
+) -> list[str]:
     out = []
     if length.dropped_targets:
         out.append(describe_loss(length, max_seq_length))
@@ -237,6 +239,11 @@ def _warnings(length: LengthReport, max_seq_length: int, eval_conversations: int
         )
     if not eval_conversations:
         out.append("no held-out conversation: the loss before and after training cannot be measured")
+    elif not eval_examples:
+        out.append(
+            f"the {eval_conversations} held-out conversation(s) lost every target to max_seq_length "
+            f"{max_seq_length}: the loss before and after training cannot be measured"
+        )
     return out
 
 
@@ -306,7 +313,7 @@ def summarize(
         slices=SliceReport(
             has_metadata=loaded.has_metadata, all=_slices(loaded.conversations), held_out=_slices(eval_c)
         ),
-        warnings=tuple(_warnings(length, max_seq_length, eval_groups)),
+        warnings=tuple(_warnings(length, max_seq_length, eval_groups, estats.examples)),
         notes=tuple(_notes(loaded)),
     )
 
