@@ -70,15 +70,18 @@ def test_lossy_data_is_refused_before_any_weight_and_runs_when_allowed(
             "job_id": "lossy-allowed",
             "base_model": str(tiny_model),
             "data": {"max_dropped_target_share": 1.0},
-            "evaluation": {**job["evaluation"], "eval_fraction": 0.5},
-            "hyperparameters": {**job["hyperparameters"], "learning_rate": 1e-7},
+            "evaluation": {**job["evaluation"], "eval_fraction": 0.3},
+            # 600 keeps some targets of every held-out conversation; still two thirds of the tokens lost
+            "hyperparameters": {**job["hyperparameters"], "max_seq_length": 600, "learning_rate": 1e-7},
         },
         settings=settings,
     )
     assert allowed["status"] == "completed", allowed
     length = allowed["dataset"]["length"]
     assert length["dropped_targets"] > 0
-    assert any(f"{length['dropped_targets']} of" in w or "dropped" in w for w in allowed["warnings"])
+    assert length["dropped_token_share"] > 0.5
+    said = f"{length['dropped_targets']} of {length['targets']} targets dropped at max_seq_length 600"
+    assert any(said in w for w in allowed["warnings"]), allowed["warnings"]
     # a learning rate this small moves the adapter, but not the held-out loss: said, not hidden
     assert allowed["verdict"] == "unchanged" and "noise threshold" in allowed["outcome"]["reason"]
 
