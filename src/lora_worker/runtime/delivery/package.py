@@ -1,17 +1,28 @@
-"""The job's evidence, assembled: the typed report, its files, and the archive that ships them with
-the adapter."""
+"""The job's evidence, assembled: the typed report, its files, the adapter's model card and licence
+notice, the vLLM serving check, and the archive that ships them with the adapter."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
 
+from safetensors import safe_open
+
 from lora_worker.runtime.contracts import AdapterFiles, Metrics, Outcome, Report, ReportFiles
 from lora_worker.runtime.data import PreparedData
 from lora_worker.runtime.delivery.archive import archive_dir
+from lora_worker.runtime.delivery.card import CardFacts, licence_files_in, write_card, write_notice
+from lora_worker.runtime.delivery.lineage import Lineage
 from lora_worker.runtime.delivery.report import write_report
+from lora_worker.runtime.delivery.serving import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    ServingCheck,
+    require_servable,
+)
 from lora_worker.runtime.device import Device, peak_memory_gib
 from lora_worker.runtime.evaluation.loss import HeldOutLoss, perplexity
+from lora_worker.runtime.files import read_json
 from lora_worker.runtime.jobdir import AttemptLog, JobPaths
 from lora_worker.runtime.plan import Plan
 from lora_worker.runtime.spec import JobSpec
@@ -35,13 +46,20 @@ def package_outputs(
     device: Device,
     warnings: list[str],
     timings: dict[str, float],
+    *,
+    lineage: Lineage | None = None,
+    versus_previous: Outcome | None = None,
 ) -> tuple[Report, ReportFiles, AdapterFiles]:
-    """Write the report, archive adapter + report, and write the report again naming the archive
-    (the copy on the volume names the archive; the archived copy cannot name itself)."""
+    """Write the report, check the adapter against vLLM (NotServable when it would not load), write
+    its model card, archive adapter + report, and write the report again naming the archive (the
+    copy on the volume names the archive; the archived copy cannot name itself)."""
     report = build_report(
-        spec, data, plan, outcome, verdict, losses, samples, attempt, device, warnings, timings
-    )
+        spec, data, plan, outcome, verdict, losses, samples, attempt, device, warnings, timings,
+        lineage=lineage,
+    )  # fmt: skip
     write_report(paths.report, report.model_dump(mode="json"))
+    serving = require_servable(adapter, lora_name=spec.job_id or "adapter")
+    write_adapter_card(adapter, report, serving, versus_previous)
     archive = archive_dir({"adapter": adapter, "report": paths.report}, paths.archive)
     files = AdapterFiles(
         path=str(adapter), archive=archive["path"], sha256=archive["sha256"], size_bytes=archive["size_bytes"]
@@ -63,6 +81,8 @@ def build_report(
     device: Device,
     warnings: list[str],
     timings: dict[str, float],
+    *,
+    lineage: Lineage | None = None,
 ) -> Report:
     before, after = losses
     eval_s = timings.get("eval_before", 0.0) + timings.get("evaluate", 0.0)
@@ -72,7 +92,7 @@ def build_report(
         verdict=verdict.verdict,
         headline=verdict.reason,
         outcome=verdict,
-        base_model=spec.base_model,
+        base_model=lineage.base_model.model_id if lineage else spec.base_model,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         resumed=outcome.resumed_from_step is not None or bool(attempt.previous),
         attempts=attempt.all(),
@@ -89,6 +109,7 @@ def build_report(
         metrics=metrics_from(outcome, losses, data, peak_memory_gib()),
         history=_history(outcome, before, after),
         samples=samples,
+        lineage=lineage.model_dump(mode="json") if lineage else None,
         timings_s=dict(timings),
         gpu=device.name,
         gpu_seconds=attempt.total_seconds(),
@@ -130,3 +151,37 @@ def _history(outcome: TrainOutcome, before: HeldOutLoss | None, after: HeldOutLo
     if after is not None:
         evals.append({"step": outcome.global_step, "eval_loss": after.mean})
     return {"train": h["train"], "eval": evals}
+
+
+def write_adapter_card(
+    adapter: Path, report: Report, serving: ServingCheck, versus_previous: Outcome | None = None
+) -> Path:
+    """The model card (README.md) and, for a Llama 3 base, NOTICE, in the adapter folder."""
+    config = read_json(adapter / ADAPTER_CONFIG) or {}
+    base = str(config.get("base_model_name_or_path") or report.base_model)
+    write_notice(adapter, base)
+    facts = CardFacts(
+        job_id=report.job_id,
+        base_model=base,
+        base_revision=config.get("revision"),
+        lora=config,
+        weights_dtype=weights_dtype(adapter / ADAPTER_WEIGHTS),
+        verdict=report.verdict,
+        headline=report.headline,
+        metrics=report.metrics.model_dump(mode="json"),
+        dataset=report.dataset,
+        lineage=report.lineage,
+        versus_previous=versus_previous.model_dump(mode="json") if versus_previous else None,
+        serving=serving.model_dump(mode="json"),
+        licence_files=licence_files_in(adapter),
+        created_at=report.created_at,
+    )
+    return write_card(adapter, facts)
+
+
+def weights_dtype(weights: Path) -> str:
+    """bf16 / fp32 / ...: the dtype of the adapter's tensors (from the file's header only)."""
+    names = {"BF16": "bf16", "F32": "fp32", "F16": "fp16"}
+    with safe_open(str(weights), framework="pt") as f:
+        kinds = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    return "/".join(sorted(names.get(k, k.lower()) for k in kinds)) or "none"
