@@ -78,8 +78,12 @@ def add_lora(
     gradient_checkpointing: bool = True,
     upcast_fp32: bool = False,
     liger: str = "auto",
+    init_adapter: Path | None = None,
 ):
-    """Wrap a frozen 4-bit model with LoRA on all seven projections; returns (peft_model, liger_used)."""
+    """Wrap a frozen 4-bit model with LoRA on all seven projections; returns (peft_model, liger_used).
+
+    `init_adapter` (a saved adapter folder whose config matches r, alpha and the targets: see
+    `lora_config_mismatch`) starts training from its weights instead of a fresh adapter."""
     liger_used = False
     if liger == "on" or (liger == "auto" and detect_device().is_cuda):
         try:
@@ -105,6 +109,8 @@ def add_lora(
         # Inputs need grad so checkpointed segments of a frozen base still carry grads to the LoRA weights.
         model.enable_input_require_grads()
     torch.manual_seed(seed)  # LoRA A matrices are drawn here: same seed, same initial adapter
+    if init_adapter is not None:
+        return load_trainable_adapter(model, init_adapter, dropout=dropout), liger_used
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -114,6 +120,43 @@ def add_lora(
         target_modules=LORA_TARGETS,
     )
     return get_peft_model(model, config), liger_used
+
+
+def load_trainable_adapter(model, adapter_dir: Path, *, dropout: float):
+    """A saved adapter on `model`, trainable: its weights are upcast to fp32 for the optimizer (PEFT's
+    `autocast_adapter_dtype`), and the job's dropout replaces the saved one."""
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    config.lora_dropout = dropout
+    return PeftModel.from_pretrained(model, str(adapter_dir), config=config, is_trainable=True)
+
+
+def load_inference_adapter(model, adapter_dir: Path):
+    """A saved adapter on `model` for generation: frozen, eval mode, KV cache on."""
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    peft_model.eval()
+    return peft_model
+
+
+def lora_config_mismatch(
+    config: dict, *, r: int, alpha: int, targets: list[str] | tuple[str, ...]
+) -> list[str]:
+    """How a saved adapter_config.json differs from the LoRA a job trains (empty when it matches)."""
+    problems = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"it is a {config.get('peft_type')} adapter, not LoRA")
+    if config.get("r") != r:
+        problems.append(f"its rank r is {config.get('r')}, this job's hyperparameters.lora_r is {r}")
+    if config.get("lora_alpha") != alpha:
+        problems.append(
+            f"its lora_alpha is {config.get('lora_alpha')}, this job's hyperparameters.lora_alpha is {alpha}"
+        )
+    saved = config.get("target_modules")
+    if not isinstance(saved, list) or set(saved) != set(targets):
+        problems.append(f"its target_modules are {saved}, this job trains {sorted(targets)}")
+    for key in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            problems.append(f"it sets {key}, which this worker's training does not")
+    return problems
 
 
 def count_params(model) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """The base model for one job: NF4 from the verified copy on the volume when there is one, else
 quantized on load from the original weights (and the copy saved for the next cold start); then
-LoRA on top.
+LoRA on top: a fresh adapter, a previous one to train further (warm start), or a saved one to
+generate with.
 
 A copy that passes its checksums can still be wrong (saved from a bad load, or by another
 version of bitsandbytes): when the first held-out evaluation of a model loaded from the copy is
@@ -19,9 +20,17 @@ from typing import Any, TypeVar
 from lora_worker.runtime.device import free_accelerator_memory
 from lora_worker.runtime.evaluation.loss import NonFiniteLoss
 from lora_worker.runtime.model import nf4_cache
-from lora_worker.runtime.model.load import add_lora, count_params, load_base_model
+from lora_worker.runtime.model.load import (
+    LORA_TARGETS,
+    add_lora,
+    count_params,
+    load_base_model,
+    load_inference_adapter,
+    lora_config_mismatch,
+)
 from lora_worker.runtime.model.resolve import ResolvedModel
 from lora_worker.runtime.spec import JobSpec
+from lora_worker.runtime.tasks.adapter_source import AdapterSource, AdapterSourceError, find_adapter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,6 +45,7 @@ class LoadedModel:
     from_copy: Path | None  # the NF4 copy it was loaded from, or None when quantized on load
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    init_adapter: Path | None = None  # the saved adapter training starts from (warm start), if any
 
     def info(self, device_name: str) -> dict[str, Any]:
         return {
@@ -44,14 +54,22 @@ class LoadedModel:
             "liger": self.liger,
             "gpu": device_name,
             "nf4_copy": self.from_copy is not None,
+            "init_adapter": str(self.init_adapter) if self.init_adapter else None,
             "timings_s": self.timings,
         }
 
 
-def load_for_training(
-    resolved: ResolvedModel, tokenizer, spec: JobSpec, volume_dir: Path, *, use_copy: bool = True
-) -> LoadedModel:
-    hp, tr = spec.hyperparameters, spec.training
+@dataclass
+class NF4Base:
+    model: Any  # the frozen base model in NF4
+    from_copy: Path | None
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_nf4_base(resolved: ResolvedModel, tokenizer, volume_dir: Path, *, use_copy: bool = True) -> NF4Base:
+    """The base model in NF4: from the verified copy on the volume when there is one, else quantized
+    on load from the original weights, saving the copy for the next cold start."""
     warnings: list[str] = []
     timings: dict[str, float] = {}
     cacheable = resolved.source != "local_dir"  # a local directory has no revision to key a copy by
@@ -73,8 +91,20 @@ def load_for_training(
             timings["save_prequantized"] = round(time.monotonic() - t, 2)
         except Exception as err:  # a cache miss next time is not worth failing this job
             warnings.append(f"could not save the NF4 copy of the base model for later jobs: {err}")
+    return NF4Base(base, copy, timings, warnings)
+
+
+def load_for_training(
+    resolved: ResolvedModel, tokenizer, spec: JobSpec, volume_dir: Path, *, use_copy: bool = True
+) -> LoadedModel:
+    """NF4 base + LoRA: a fresh adapter, or the one `spec.init_adapter` names (a job id on this volume
+    or an adapter folder), checked against the job's LoRA settings before any weight loads."""
+    hp, tr = spec.hyperparameters, spec.training
+    init = warm_start_source(spec, volume_dir).path if spec.init_adapter else None
+    nf4 = load_nf4_base(resolved, tokenizer, volume_dir, use_copy=use_copy)
+    warnings = list(nf4.warnings)
     model, liger = add_lora(
-        base,
+        nf4.model,
         r=hp.lora_r,
         alpha=hp.lora_alpha,
         dropout=hp.lora_dropout,
@@ -82,6 +112,7 @@ def load_for_training(
         gradient_checkpointing=tr.gradient_checkpointing,
         upcast_fp32=tr.upcast_fp32,
         liger=tr.liger_kernels,
+        init_adapter=init,
     )
     liger = liger or liger_active(model)
     if liger and tr.liger_kernels == "off":
@@ -90,7 +121,89 @@ def load_for_training(
             "kernels, which cannot be removed from a running process: this job ran with them"
         )
     trainable, total = count_params(model)
-    return LoadedModel(model, liger, trainable, total, copy, timings, warnings)
+    return LoadedModel(model, liger, trainable, total, nf4.from_copy, nf4.timings, warnings, init)
+
+
+def load_for_inference(
+    resolved: ResolvedModel, tokenizer, adapter_dir: Path, volume_dir: Path
+) -> LoadedModel:
+    """NF4 base (exactly as training loads it) + a saved adapter, frozen, for generation."""
+    nf4 = load_nf4_base(resolved, tokenizer, volume_dir)
+    t = time.monotonic()
+    model = load_inference_adapter(nf4.model, adapter_dir)
+    timings = {**nf4.timings, "load_adapter": round(time.monotonic() - t, 2)}
+    trainable, total = count_params(model)
+    return LoadedModel(model, False, trainable, total, nf4.from_copy, timings, nf4.warnings, adapter_dir)
+
+
+# -------------------------------------------------------------------------------- warm start
+
+
+class WarmStartRefused(ValueError):
+    """`init_adapter` cannot start this job; `problems` lists why (each starting with the field)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid job input:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def warm_start_source(spec: JobSpec, volume_dir: Path) -> AdapterSource:
+    """The adapter `spec.init_adapter` names, once its LoRA config matches the job's (r, alpha,
+    target modules); WarmStartRefused otherwise. Reads adapter_config.json only: call it at plan
+    time, before any weights load."""
+    try:
+        source = find_adapter(str(spec.init_adapter), volume_dir, field="init_adapter")
+    except AdapterSourceError as err:
+        raise WarmStartRefused([str(err)]) from None
+    hp = spec.hyperparameters
+    mismatch = lora_config_mismatch(source.config, r=hp.lora_r, alpha=hp.lora_alpha, targets=LORA_TARGETS)
+    if mismatch:
+        raise WarmStartRefused(
+            [f"init_adapter: {spec.init_adapter!r} cannot start this job: {p}" for p in mismatch]
+            + ["init_adapter: give the job the previous adapter's LoRA settings, or leave init_adapter out"]
+        )
+    return source
+
+
+def warm_start_base_problems(
+    source: AdapterSource, model_id: str, revision: str | None
+) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of training `source` further on the base `model_id`@`revision`: another
+    base model is refused; another commit of the same one is allowed with a warning."""
+    if source.base_model is None or _same_model(source.base_model, model_id):
+        if source.base_revision and revision and source.base_revision != revision:
+            return [], [
+                f"init_adapter was trained on {model_id} at commit {source.base_revision}; this job uses commit "
+                f"{revision}"
+            ]
+        return [], []
+    return [
+        f"init_adapter: it was trained on the base model {source.base_model}, this job trains on {model_id}; "
+        "an adapter only fits the base it was trained on"
+    ], []
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
+
+
+def held_out_with_adapter(
+    model, adapter_dir: Path, measure: Callable[[Any], T], *, name: str = "previous"
+) -> T:
+    """`measure(model)` with the saved adapter `adapter_dir` active in place of the model's own, then
+    the model's own adapter back, unchanged (e.g. the previous adapter's held-out loss after a warm-
+    started job trained, measured on the same held-out set as the new one)."""
+    own = model.active_adapter
+    model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+    try:
+        model.set_adapter(name)
+        return measure(model)
+    finally:
+        model.set_adapter(own)
+        model.delete_adapter(name)
 
 
 def load_checked(
