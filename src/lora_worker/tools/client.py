@@ -1,8 +1,10 @@
-"""`python -m lora_worker submit|status|cancel`: the dashboard's calls, from a terminal.
+"""`python -m lora_worker submit|status|cancel|chat|list`: the dashboard's calls, from a terminal.
 
 Against RunPod (`--endpoint-id ID`, or `RUNPOD_ENDPOINT_ID`; the key from `RUNPOD_API_KEY`) or a local
 endpoint (`--url http://127.0.0.1:8000/v2/local`). `submit --wait` polls `/status` and draws the job's
-progress on stderr, then prints the output JSON on stdout.
+progress on stderr, then prints the output JSON on stdout. `chat` sends a `generate` job (an adapter's
+replies, optionally beside the base model's) and prints the replies; `list` sends a `list` job and
+prints the adapters on the volume; both wait for the answer (`--json` prints it as JSON).
 
 Exit codes: 0 COMPLETED, 1 FAILED, 2 CANCELLED or TIMED_OUT, 3 a client or API error (one line on
 stderr), 130 interrupted while waiting (the job keeps running).
@@ -196,6 +198,75 @@ def _local_path(value: str, local: bool) -> str:
     return str(p.absolute()) if local and not p.is_absolute() and p.exists() else value
 
 
+def build_generate_input(a: argparse.Namespace, *, local: bool) -> dict:
+    """The `generate` job input from the chat flags."""
+    conversations: list[list[dict]] = []
+    if a.messages_json:
+        try:
+            conversations = json.loads(Path(a.messages_json).read_text())
+        except (OSError, ValueError) as err:
+            raise ClientError(f"--messages-json {a.messages_json}: {err}") from None
+        if not isinstance(conversations, list):
+            raise ClientError(f"--messages-json {a.messages_json}: must be a list of conversations")
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    conversations += [[*system, {"role": "user", "content": m}] for m in a.message or []]
+    if not conversations:
+        raise ClientError("nothing to say: give --message TEXT (repeatable) or --messages-json FILE")
+    adapter = a.adapter if a.adapter.startswith(("https://", "http://")) else _local_path(a.adapter, local)
+    job: dict[str, Any] = {"task": "generate", "adapter": adapter, "messages": conversations}
+    for key in ("max_new_tokens", "temperature", "adapter_sha256"):
+        if getattr(a, key) is not None:
+            job[key] = getattr(a, key)
+    if a.compare_base:
+        job["compare_base"] = True
+    return job
+
+
+def print_replies(out: dict, stream: TextIO) -> None:
+    """Each conversation's last user message, the adapter's reply and, when asked, the base model's."""
+    ref = out.get("adapter") or {}
+    print(f"adapter {ref.get('job_id') or ref.get('path')} on {ref.get('base_model')}", file=stream)
+    for r in out.get("replies") or []:
+        print(f"\n[{r['index'] + 1}] user: {r['prompt']}", file=stream)
+        for side in ("adapted", "base"):
+            reply = r.get(side)
+            if reply:
+                cut = " [cut at max_new_tokens]" if reply["finish_reason"] == "length" else ""
+                label = "adapter" if side == "adapted" else "base"
+                print(
+                    f"{label:>7}: {reply['text']}{cut}  ({reply['new_tokens']} tokens, {reply['seconds']:.1f} s)",
+                    file=stream,
+                )
+    for w in out.get("warnings") or []:
+        print(f"warning: {w}", file=stream)
+    stream.flush()
+
+
+def _loss(metrics: dict) -> str:
+    b, a = metrics.get("eval_loss_before"), metrics.get("eval_loss_after")
+    return f"{b:.4f} -> {a:.4f}" if isinstance(b, int | float) and isinstance(a, int | float) else "-"
+
+
+def print_adapters(out: dict, stream: TextIO) -> None:
+    """The adapters as a table, one line each."""
+    rows = [("JOB", "TRAINED", "BASE", "DATASET", "VERDICT", "HELD-OUT LOSS", "ON VOLUME")]
+    for e in out.get("adapters") or []:
+        d = e.get("dataset") or {}
+        dataset = "@".join(str(x) for x in (d.get("name"), d.get("version")) if x) or "-"
+        rows.append((
+            e["job_id"], (e.get("trained_at") or "-")[:16], str(e.get("base_model") or "-"), dataset,
+            str(e.get("verdict") or "-"), _loss(e.get("metrics") or {}), "yes" if e.get("adapter_present") else "no",
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=stream)
+    if not out.get("adapters"):
+        print("(no trained adapters on the volume)", file=stream)
+    for s in out.get("skipped") or []:
+        print(f"skipped: {s}", file=stream)
+    stream.flush()
+
+
 # ---------------------------------------------------------------------------------- progress line
 
 
@@ -218,6 +289,9 @@ def progress_line(st: dict, width: int = 20) -> str:
         return "IN_PROGRESS  starting (no progress reported yet)"
     stage = ev.get("status", status.lower())
     step, total = ev.get("step") or 0, ev.get("total_steps") or 0
+    if not total and status == "IN_PROGRESS" and ev.get("message"):  # no steps to count: say what it does
+        cost = f"  ${ev['cost_usd']:.4f}" if ev.get("cost_usd") is not None else ""
+        return f"{stage:<13}  {ev['message']}{cost}"
     pct = float(ev.get("percent") or (100.0 * step / total if total else 0.0))
     if status == "COMPLETED":
         pct = 100.0
@@ -258,7 +332,12 @@ class ProgressView:
             self.out.flush()
             return
         ev = st.get("output") if isinstance(st.get("output"), dict) else {}
-        key = (st.get("status"), ev.get("status"), ev.get("step"))
+        key = (
+            st.get("status"),
+            ev.get("status"),
+            ev.get("step"),
+            ev.get("message") if not ev.get("total_steps") else None,
+        )
         if key != self._last_key:
             self._last_key = key
             print(line, file=self.out, flush=True)
@@ -339,12 +418,60 @@ def _submit_parser(sub) -> None:
     s.add_argument("--poll-s", type=float, default=1.5, help="seconds between /status polls with --wait")
 
 
+CHAT_DESCRIPTION = """\
+Talk to a trained adapter: send a `generate` job with one conversation per --message (each after the
+--system prompt, if given) or the conversations of --messages-json, wait for it, and print each reply
+(with --compare-base, the base model's reply too). Loading a 70B base takes minutes; progress is drawn
+on stderr meanwhile. Exit codes as for submit --wait.
+"""
+
+LIST_DESCRIPTION = """\
+List the trained adapters on the endpoint's volume (a `list` job): job id, when it was trained, base
+model, dataset, verdict and held-out loss before -> after, newest first.
+"""
+
+
+def _chat_parser(sub) -> None:
+    s = sub.add_parser(
+        "chat", help="talk to a trained adapter", description=CHAT_DESCRIPTION, formatter_class=_HelpFormatter
+    )
+    _endpoint_args(s)
+    s.add_argument(
+        "--adapter",
+        required=True,
+        help="a training job's id, an adapter folder, or the https URL of its archive",
+    )
+    s.add_argument("--message", action="append", help="a user message; each one is its own conversation")
+    s.add_argument("--system", help="a system prompt put before every --message")
+    s.add_argument(
+        "--messages-json", help="a JSON file: a list of conversations, each a list of {role, content}"
+    )
+    s.add_argument("--max-new-tokens", type=int, help="longest reply in tokens (job default: 256)")
+    s.add_argument("--temperature", type=float, help="0 is greedy (job default); above 0 samples")
+    s.add_argument("--compare-base", action="store_true", help="also show the base model's reply")
+    s.add_argument("--adapter-sha256", help="expected SHA-256 of the archive when --adapter is a URL")
+    s.add_argument("--json", action="store_true", help="print the job's output JSON instead of the replies")
+    s.add_argument("--poll-s", type=float, default=1.5, help="seconds between /status polls")
+
+
+def _list_parser(sub) -> None:
+    s = sub.add_parser(
+        "list", help="list the trained adapters", description=LIST_DESCRIPTION, formatter_class=_HelpFormatter
+    )
+    _endpoint_args(s)
+    s.add_argument("--limit", type=int, help="at most this many adapters (job default: 200)")
+    s.add_argument("--json", action="store_true", help="print the job's output JSON instead of a table")
+    s.add_argument("--poll-s", type=float, default=1.5, help="seconds between /status polls")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lora_worker", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
     _submit_parser(sub)
+    _chat_parser(sub)
+    _list_parser(sub)
     for name, help_ in (("status", "print a job's status JSON"), ("cancel", "cancel a job")):
         c = sub.add_parser(
             name, help=help_, description=f"{help_[0].upper()}{help_[1:]}.", formatter_class=_HelpFormatter
@@ -386,6 +513,27 @@ def _finish(st: dict, err: TextIO) -> int:
     return FINAL_EXIT.get(status, EXIT_CLIENT_ERROR)
 
 
+def _ask(client: EndpointClient, job_input: dict, a: argparse.Namespace, err: TextIO) -> int:
+    """Submit a chat or list job, wait with progress on stderr, print its answer."""
+    accepted = client.submit(job_input)
+    job_id = accepted.get("id")
+    if not job_id:
+        raise ClientError(f"the endpoint accepted the job but returned no id: {accepted}")
+    view = ProgressView(err)
+    try:
+        st = client.wait(job_id, poll_s=a.poll_s, on_status=view)
+    except KeyboardInterrupt:
+        view.end()
+        print(f"\nstopped waiting; job {job_id} keeps running", file=err)
+        return EXIT_INTERRUPTED
+    view.end()
+    out = st.get("output") if isinstance(st.get("output"), dict) else {}
+    if st.get("status") != "COMPLETED" or a.json:
+        return _finish(st, err)
+    (print_replies if a.command == "chat" else print_adapters)(out, sys.stdout)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         a = _parser().parse_args(argv)
@@ -401,6 +549,13 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "cancel":
             _print_json(client.cancel(a.job_id))
             return 0
+        if a.command in ("chat", "list"):
+            job_input = (
+                build_generate_input(a, local=local)
+                if a.command == "chat"
+                else {"task": "list", **({"limit": a.limit} if a.limit is not None else {})}
+            )
+            return _ask(client, job_input, a, err)
         accepted = client.submit(build_input(a, local=local))
         job_id = accepted.get("id")
         if not job_id:
