@@ -315,6 +315,14 @@ def test_gather_evidence_with_an_openai_judge(tiny_model, tokenizer, tmp_path: P
     assert ev.headline == ev.judge.headline and ev.headline.startswith(
         "Judged blind by fake-judge on 6 scenarios"
     )
+    brief = ev.brief()
+    assert (
+        brief["judge"]["overall"]["n"] == 6
+        and brief["scenarios"] == 6
+        and brief["slices"] == ["arc", "persona", "topic"]
+    )
+    assert set(brief["forgetting"]) == {"before", "after", "relative", "warning"}
+    assert json.loads(json.dumps(brief)) == brief
     dumped = ev.model_dump(mode="json")
     assert "sk-secret-evidence" not in json.dumps(dumped)
     paths = write_report(

@@ -154,6 +154,7 @@ def test_run_judge_counts_both_orders_and_ties_on_disagreement() -> None:
     # The first order is seeded, not fixed: some pairs start with the adapted reply, some with the base.
     assert {p.first_a for p in report.pairs} == {"adapted", "base"}
     assert "too wide to claim a difference" in report.headline
+    assert report.headline.endswith("2 of 12 judge answers named no verdict and count as ties.")
 
 
 def test_openai_judge_against_loopback_stand_in(caplog) -> None:
@@ -268,6 +269,9 @@ def test_self_judge_runs_on_the_tiny_model_with_the_adapter_disabled(tiny_model,
     assert report.judged == 2 and report.calls == 4 and report.judged_by == "the base model"
     # A random tiny model names no verdict: every answer is unparseable and each pair a tie.
     assert report.unparseable == 4 and report.summary.overall.ties == 2
+    assert report.headline.endswith(
+        "every scenario was a tie, so no difference shows. 4 of 4 judge answers named no verdict and count as ties."
+    )
     ids = tokenizer.apply_chat_template(
         judge_messages(some[0].conversation, "a", "b", "r"),
         add_generation_prompt=True,

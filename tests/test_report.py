@@ -180,6 +180,7 @@ def test_headlines_come_from_the_numbers(dataset_summary) -> None:
     )
     wide = headline(make_report(dataset_summary))
     assert wide.endswith("too wide to claim a difference.")
+    assert "Change +10.0 % (95 % interval" in render_markdown(make_report(dataset_summary))
 
 
 def test_the_human_sheet_is_written_beside_the_report_only_when_asked(

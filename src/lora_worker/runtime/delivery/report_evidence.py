@@ -210,7 +210,7 @@ def forgetting(ev: Mapping[str, Any]) -> Section | None:
         ),
         Table(("Kind", "Items", "Base", "Adapted", "Change"), rows, (False, True, True, True, True)),
         Para(
-            f"Change {pct(f.get('relative'), signed=True)} (95 % interval of the mean per-item change "
+            f"Change {pct(f.get('relative'), signed=True, digits=1)} (95 % interval of the mean per-item change "
             f"{interval(f.get('interval_95'))}); a rise above {pct(f.get('threshold'))} is flagged."
         ),
     ]

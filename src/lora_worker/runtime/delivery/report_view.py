@@ -135,9 +135,9 @@ def usd(value: Any) -> str:
     return MISSING if v is None else f"${v:,.4f}" if 0 < abs(v) < 0.01 else f"${v:,.2f}"
 
 
-def pct(value: Any, signed: bool = False) -> str:
+def pct(value: Any, signed: bool = False, digits: int = 0) -> str:
     v = number(value)
-    return MISSING if v is None else f"{v * 100:+.0f} %" if signed else f"{v * 100:.0f} %"
+    return MISSING if v is None else f"{v * 100:+.{digits}f} %" if signed else f"{v * 100:.{digits}f} %"
 
 
 def interval(iv: Any, *, as_pct: bool = False, digits: int = 4, signed: bool = True) -> str:

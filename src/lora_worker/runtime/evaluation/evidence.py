@@ -82,6 +82,31 @@ class Evidence(_Frozen):
     headline: str
     notes: list[str] = Field(default_factory=list, description="What was left out or cut short, and why.")
 
+    def brief(self) -> dict:
+        """The figures without the texts, for the job's result and the dashboard (report.json keeps all)."""
+        overall = self.judge.summary.overall if self.judge else None
+        return {
+            "headline": self.headline,
+            "judge": None
+            if self.judge is None
+            else {
+                "kind": self.judge.kind,
+                "judged_by": self.judge.judged_by,
+                "judged": self.judge.judged,
+                "requested": self.judge.requested,
+                "overall": overall.model_dump(mode="json") if overall else None,
+            },
+            "scenarios": len(self.scenarios),
+            "slices": sorted(self.slices.tables),
+            "slices_unavailable": self.slices.unavailable,
+            "forgetting": None
+            if self.forgetting is None
+            else self.forgetting.model_dump(mode="json", include={"before", "after", "relative", "warning"}),
+            "end_of_turn": None
+            if self.end_of_turn is None
+            else self.end_of_turn.model_dump(mode="json", include={"base_share", "adapted_share", "warning"}),
+        }
+
 
 class JudgeEstimate(_Frozen):
     """For the plan: how many scenarios, how many judge calls, and roughly how long."""
@@ -212,7 +237,7 @@ def evidence_headline(judge: JudgeReport | None, kind: JudgeKind, scenarios: int
     if kind == "none":
         return (
             f"{scenarios} scenario(s) were answered by both models; no judge compared them "
-            "(evaluation.judge none, the default on the CPU): see the side-by-side replies and the human sheet."
+            "(evaluation.judge none, the default on the CPU); the replies are shown side by side."
         )
     return "No scenario was answered, so no judge compared the two models."
 

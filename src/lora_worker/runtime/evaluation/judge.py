@@ -202,6 +202,16 @@ def _judge_pair(ask: Ask, pair: Pair, rubric: str, first_a: Preference) -> Judge
     )
 
 
+def _headline(summary: PreferenceSummary, judged_by: str, judged: list[JudgedPair]) -> str:
+    """The preference sentence, and how many answers named no verdict (a judge that cannot follow
+    the format makes ties, not evidence)."""
+    text = preference_sentence(summary.overall, judged_by=judged_by)
+    unparseable = sum(v == "unparseable" for j in judged for v in j.verdicts)
+    if unparseable:
+        text += f" {unparseable} of {2 * len(judged)} judge answers named no verdict and count as ties."
+    return text
+
+
 def run_judge(
     ask: Ask,
     pairs: Sequence[Pair],
@@ -251,6 +261,6 @@ def run_judge(
         stopped=stopped,
         rubric=rubric,
         summary=summary,
-        headline=preference_sentence(summary.overall, judged_by=judged_by),
+        headline=_headline(summary, judged_by, judged),
         pairs=judged,
     )

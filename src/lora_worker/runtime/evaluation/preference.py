@@ -151,7 +151,9 @@ def preference_sentence(rates: PreferenceRates | None, *, judged_by: str, unit: 
     )
     net = rates.net
     margin = f"{net.share * 100:+.0f} points"
-    if net.interval_95 is None:
+    if rates.wins == rates.losses == 0:
+        claim = f"every {unit} was a tie, so no difference shows"
+    elif net.interval_95 is None:
         claim = f"with a single {unit} there is no interval, so no difference can be claimed"
     else:
         lo, hi = (v * 100 for v in net.interval_95)
