@@ -109,6 +109,29 @@ def test_stage_total_and_wall_time_are_explained(dataset_summary) -> None:
     assert "The stages add up to" not in render_markdown(agree)
 
 
+def test_lineage_is_shown_without_worker_paths(dataset_summary) -> None:
+    lineage = {
+        "job_id": "job-42",
+        "dataset": {
+            "file_name": "data.json",
+            "source": "/runpod-volume/uploads/data.json",
+            "sha256": "ab" * 32,
+        },
+        "base_model": {
+            "model_id": "meta-llama/Meta-Llama-3-70B-Instruct",
+            "revision": "e1945c4",
+            "source": "hub",
+        },
+        "previous": None,
+    }
+    md = render_markdown(make_report(dataset_summary, lineage=lineage))
+    assert "## Lineage" in md and "| dataset: source | data.json |" in md
+    assert (
+        "| base model: revision | e1945c4 |" in md
+        and "previous" not in md.split("## Lineage")[1].split("##")[0]
+    )
+
+
 def test_a_resumed_job_shows_its_attempts(dataset_summary) -> None:
     attempts = [
         {"started_at": "2025-06-01T10:00:00+00:00", "seconds": 65.5, "cost_usd": 0.08, "status": "cancelled"},

@@ -255,6 +255,25 @@ def adapter(report: Mapping[str, Any]) -> Section:
     return Section("adapter", "Adapter", [Table(("Item", "Value"), rows)])
 
 
+def _flat(prefix: str, value: Any) -> list[tuple[str, str]]:
+    if isinstance(value, Mapping):
+        return [
+            row
+            for k, v in value.items()
+            for row in _flat(f"{prefix}{k}" if not prefix else f"{prefix}: {k}", v)
+        ]
+    return [(prefix.replace("_", " "), fmt(value))]
+
+
+def lineage(report: Mapping[str, Any]) -> Section | None:
+    """Where the adapter came from (dataset file and checksum, base model commit, starting adapter)."""
+    ln = section(report, "lineage")
+    if not ln:
+        return None
+    rows = [row for k, v in ln.items() if k != "job_id" for row in _flat(k, v) if row[1] != MISSING]
+    return Section("lineage", "Lineage", [Table(("Item", "Value"), rows)])
+
+
 def warnings(report: Mapping[str, Any]) -> Section | None:
     items = list(dict.fromkeys(client_text(str(w)) for w in report.get("warnings") or []))
     return Section("warnings", "Warnings", [Bullets(items)]) if items else None
@@ -272,6 +291,7 @@ def build_sections(
         dataset(report),
         settings(report),
         time_and_cost(report),
+        lineage(report),
         adapter(report),
         warnings(report),
     ]
