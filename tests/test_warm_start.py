@@ -138,3 +138,39 @@ def test_training_starts_from_the_previous_weights_and_its_loss_stays_measurable
     assert versus.verdict in ("improved", "unchanged", "worse") and versus.conversations == len(
         data.eval_conversations
     )
+
+
+@pytest.mark.e2e
+@pytest.mark.xfail(
+    strict=True, reason="job.py must check init_adapter at plan time and compare with it (report)"
+)
+def test_a_warm_started_job_names_and_compares_with_its_previous_adapter(tmp_path, tiny_model, small_dataset):
+    from lora_worker.runtime.job import run_job
+    from lora_worker.runtime.settings import Settings
+
+    settings = Settings.from_env({"VOLUME_DIR": str(tmp_path)})
+    first = run_job(small_job(tiny_model, small_dataset, job_id="first"), settings=settings)
+    assert first["status"] == "completed", first.get("error")
+    refused = run_job(
+        small_job(
+            tiny_model, small_dataset, job_id="refused", init_adapter="first", hyperparameters={"lora_r": 8}
+        ),
+        settings=settings,
+    )
+    assert refused["status"] == "failed" and refused["stage"] == "preprocessing"
+    assert (
+        "init_adapter: 'first' cannot start this job: its rank r is 16, this job's hyperparameters.lora_r is 8"
+        in (refused["error"])
+    )
+    second = run_job(
+        small_job(tiny_model, small_dataset, job_id="second", init_adapter="first"), settings=settings
+    )
+    assert second["status"] == "completed", second.get("error")
+    assert second["lineage"]["previous_adapter"]["job_id"] == "first"
+    assert second["lineage"]["previous_adapter"]["dataset_sha256"] == first["lineage"]["dataset"]["sha256"]
+    # the base's loss is measured with the adapter disabled: the same as the first job's baseline
+    assert second["metrics"]["eval_loss_before"] == pytest.approx(
+        first["metrics"]["eval_loss_before"], rel=1e-6
+    )
+    card = (Path(second["lora_artifact_path"]) / "README.md").read_text()
+    assert "| Started from | first |" in card and "Against the previous adapter it started from: **" in card
