@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, SAMPLE, merge_groups, tiny_job
+from conftest import REPO, SAMPLE, merge_groups, small_job
 
 from lora_worker.tools import client as cli
 from lora_worker.tools.client import EndpointClient
@@ -251,14 +251,14 @@ def shared(tmp_path_factory) -> Iterator[Cluster]:
         c.close()
 
 
-def small_job(tiny_model: Path, **override) -> dict:
-    base = tiny_job(
-        tiny_model,
-        hyperparameters={"num_epochs": 1, "max_seq_length": 512, "gradient_accumulation_steps": 1},
-        training={"checkpoint_steps": 50},
-        evaluation={"num_samples": 1},
-    )
-    return merge_groups(base, **override)
+@pytest.fixture
+def job_of(tiny_model, small_dataset):
+    """A small job (one epoch on 6 conversations) with the given groups merged in."""
+
+    def make(**override) -> dict:
+        return merge_groups(small_job(tiny_model, small_dataset, training={"checkpoint_steps": 50}), **override)
+
+    return make
 
 
 def wait_until(
@@ -275,12 +275,12 @@ def wait_until(
 
 def _training_step(st: dict) -> int:
     ev = st.get("output") if st.get("status") == "IN_PROGRESS" else None
-    return ev.get("step", 0) if isinstance(ev, dict) and ev.get("status") == "training" else 0
+    return ev.get("step", 0) if isinstance(ev, dict) and ev.get("stage") == "training" else 0
 
 
 @pytest.mark.e2e
-def test_job_completes_with_progress_and_its_result_json(shared, tiny_model):
-    job_id = shared.api.submit(small_job(tiny_model))["id"]
+def test_job_completes_with_progress_and_its_result_json(shared, job_of):
+    job_id = shared.api.submit(job_of())["id"]
     seen: list[dict] = []
     st = shared.api.wait(job_id, poll_s=0.3, on_status=seen.append, timeout_s=JOB_TIMEOUT_S)
     assert st["status"] == "COMPLETED", f"{st}\n{shared.logs_tail()}"
@@ -296,10 +296,8 @@ def test_job_completes_with_progress_and_its_result_json(shared, tiny_model):
 
 
 @pytest.mark.e2e
-def test_cancel_mid_training_then_the_same_worker_completes_the_next_job(
-    shared, tiny_model, tmp_path, capsys
-):
-    long = small_job(tiny_model, hyperparameters={"num_epochs": 40})
+def test_cancel_mid_training_then_the_same_worker_completes_the_next_job(shared, job_of, tmp_path, capsys):
+    long = job_of(hyperparameters={"num_epochs": 40})
     job_id = shared.api.submit(long)["id"]
     wait_until(shared, "a training step", lambda: _training_step(shared.api.status(job_id)) >= 1)
     assert shared.api.cancel(job_id)["status"] == "CANCELLED"
@@ -314,7 +312,7 @@ def test_cancel_mid_training_then_the_same_worker_completes_the_next_job(
 
     # The next job, through the terminal client with --wait: exit 0 and the output on stdout.
     spec = tmp_path / "input.json"
-    spec.write_text(json.dumps({"input": small_job(tiny_model)}))
+    spec.write_text(json.dumps({"input": job_of()}))
     capsys.readouterr()
     rc = cli.main(
         ["submit", "--url", shared.endpoint.url, "--input-json", str(spec), "--wait", "--poll-s", "0.3"]
@@ -350,12 +348,12 @@ def test_bad_input_fails_fast_with_the_field_named(shared, tiny_model, tmp_path,
 
 
 @pytest.mark.e2e
-def test_sigkilled_worker_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, tiny_model):
+def test_sigkilled_worker_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, job_of):
     # requeue_after_s=4: the SDK's ping (every 2 s here) and job-stop polls keep a live worker well inside it.
     c = _cluster(tmp_path, requeue_after_s=4.0)
     try:
         first = c.start_worker()
-        job = small_job(tiny_model, hyperparameters={"num_epochs": 4}, training={"checkpoint_steps": 2})
+        job = job_of(hyperparameters={"num_epochs": 4}, training={"checkpoint_steps": 2})
         job_id = c.api.submit(job)["id"]
         ckpts = c.volume / "jobs" / job_id / "checkpoints"
 
