@@ -1,11 +1,10 @@
 """Greedy replies that also say whether the model stopped by itself (emitted an end-of-turn token)
 or ran into `max_new_tokens`: the scenarios' replies and the end-of-turn check come from one pass.
 
-`generation.generate` returns decoded text only, which cannot tell a reply that ended on
-`<|eot_id|>` from one cut at the limit, so this module keeps the generated ids. Generation stops
-on any end-of-turn id the training data ends its targets with (`data.examples.end_of_turn_ids`).
-On accelerator out-of-memory a reply is retried with half the new tokens, down to
-`generation.MIN_NEW_TOKENS`; the budget it finished with is kept with it.
+Decoded text alone cannot tell a reply that ended on `<|eot_id|>` from one cut at the limit, so
+this module keeps the generated ids. Generation stops on any end-of-turn id the training data ends
+its targets with (`data.examples.end_of_turn_ids`). On accelerator out-of-memory a reply is retried
+with half the new tokens, down to `MIN_NEW_TOKENS`; the budget it finished with is kept with it.
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ import torch
 
 from lora_worker.runtime.data.examples import end_of_turn_ids
 from lora_worker.runtime.device import free_accelerator_memory, out_of_memory_message
-from lora_worker.runtime.evaluation.generation import MIN_NEW_TOKENS
+
+MIN_NEW_TOKENS = 16
 
 
 @dataclass(frozen=True)
