@@ -19,6 +19,7 @@ import torch
 from lora_worker.runtime.delivery.adapter import save_adapter
 from lora_worker.runtime.model.load import add_lora, load_base_model, load_tokenizer
 from lora_worker.tools import client as cli
+from lora_worker.tools.client_tasks import ChatInputError
 from lora_worker.tools.local_endpoint import LocalEndpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def test_chat_flags_build_a_generate_input(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     local = cli.build_generate_input(chat_args("--adapter", "adapter", "--message", "hi"), local=True)
     assert local["adapter"] == str(folder)  # a local endpoint's worker gets an absolute path
-    with pytest.raises(cli.ClientError, match="nothing to say"):
+    with pytest.raises(ChatInputError, match="nothing to say"):
         cli.build_generate_input(chat_args("--adapter", "x"), local=False)
 
 

@@ -117,6 +117,7 @@ def _link(name: str, target: str, kind=tarfile.SYMTYPE) -> tuple[tarfile.TarInfo
 def served():
     """A real loopback HTTP server answering GET /<name> with the bytes put in `files`."""
     files: dict[str, bytes] = {}
+
     def respond(method, path, headers, body):
         name = path.split("?")[0].lstrip("/")
         return (200, files[name]) if name in files else 404
@@ -132,7 +133,10 @@ def served():
         (_file("../escape.txt", b"x"), "is outside the destination"),
         (_link("adapter/link", "/etc/passwd"), "'adapter/link' is a link to an absolute path"),
         (_link("adapter/up", "../../x"), "which is outside the destination"),
-        (_link("adapter/hard", "/etc/passwd", tarfile.LNKTYPE), "'adapter/hard' is a link to an absolute path"),
+        (
+            _link("adapter/hard", "/etc/passwd", tarfile.LNKTYPE),
+            "'adapter/hard' is a link to an absolute path",
+        ),
         (_link("adapter/hard2", "../../etc/passwd", tarfile.LNKTYPE), "outside the destination"),
     ],
 )

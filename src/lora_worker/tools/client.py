@@ -26,6 +26,15 @@ import requests
 
 from lora_worker.runtime.net import is_loopback
 from lora_worker.runtime.spec import Hyperparameters, JobSpec
+from lora_worker.tools.client_tasks import (
+    ChatInputError,
+    add_chat_parser,
+    add_list_parser,
+    build_generate_input,
+    local_path,
+    print_adapters,
+    print_replies,
+)
 
 RUNPOD_API = "https://api.runpod.ai/v2"
 FINAL_EXIT = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 2, "TIMED_OUT": 2}
@@ -176,9 +185,9 @@ def build_input(a: argparse.Namespace, *, local: bool) -> dict:
         if a.dataset.startswith(("https://", "http://")):
             job["dataset_url"] = a.dataset
         else:
-            job["dataset_path"] = _local_path(a.dataset, local)
+            job["dataset_path"] = local_path(a.dataset, local)
     if a.base_model:
-        job["base_model"] = _local_path(a.base_model, local)
+        job["base_model"] = local_path(a.base_model, local)
     hp = {key: getattr(a, dest) for dest, key in HYPERPARAMETER_FLAGS.items() if getattr(a, dest) is not None}
     if hp:
         job["hyperparameters"] = {**(job.get("hyperparameters") or {}), **hp}
@@ -189,82 +198,6 @@ def build_input(a: argparse.Namespace, *, local: bool) -> dict:
     if not (job.get("dataset_url") or job.get("dataset_path")):
         raise ClientError("no dataset: give --dataset PATH_OR_URL (or an --input-json that names one)")
     return job
-
-
-def _local_path(value: str, local: bool) -> str:
-    # A local endpoint's worker shares this machine but maybe not this directory: send what exists here
-    # as an absolute path. For RunPod a path means the network volume, so it goes as written.
-    p = Path(value).expanduser()
-    return str(p.absolute()) if local and not p.is_absolute() and p.exists() else value
-
-
-def build_generate_input(a: argparse.Namespace, *, local: bool) -> dict:
-    """The `generate` job input from the chat flags."""
-    conversations: list[list[dict]] = []
-    if a.messages_json:
-        try:
-            conversations = json.loads(Path(a.messages_json).read_text())
-        except (OSError, ValueError) as err:
-            raise ClientError(f"--messages-json {a.messages_json}: {err}") from None
-        if not isinstance(conversations, list):
-            raise ClientError(f"--messages-json {a.messages_json}: must be a list of conversations")
-    system = [{"role": "system", "content": a.system}] if a.system else []
-    conversations += [[*system, {"role": "user", "content": m}] for m in a.message or []]
-    if not conversations:
-        raise ClientError("nothing to say: give --message TEXT (repeatable) or --messages-json FILE")
-    adapter = a.adapter if a.adapter.startswith(("https://", "http://")) else _local_path(a.adapter, local)
-    job: dict[str, Any] = {"task": "generate", "adapter": adapter, "messages": conversations}
-    for key in ("max_new_tokens", "temperature", "adapter_sha256"):
-        if getattr(a, key) is not None:
-            job[key] = getattr(a, key)
-    if a.compare_base:
-        job["compare_base"] = True
-    return job
-
-
-def print_replies(out: dict, stream: TextIO) -> None:
-    """Each conversation's last user message, the adapter's reply and, when asked, the base model's."""
-    ref = out.get("adapter") or {}
-    print(f"adapter {ref.get('job_id') or ref.get('path')} on {ref.get('base_model')}", file=stream)
-    for r in out.get("replies") or []:
-        print(f"\n[{r['index'] + 1}] user: {r['prompt']}", file=stream)
-        for side in ("adapted", "base"):
-            reply = r.get(side)
-            if reply:
-                cut = " [cut at max_new_tokens]" if reply["finish_reason"] == "length" else ""
-                label = "adapter" if side == "adapted" else "base"
-                print(
-                    f"{label:>7}: {reply['text']}{cut}  ({reply['new_tokens']} tokens, {reply['seconds']:.1f} s)",
-                    file=stream,
-                )
-    for w in out.get("warnings") or []:
-        print(f"warning: {w}", file=stream)
-    stream.flush()
-
-
-def _loss(metrics: dict) -> str:
-    b, a = metrics.get("eval_loss_before"), metrics.get("eval_loss_after")
-    return f"{b:.4f} -> {a:.4f}" if isinstance(b, int | float) and isinstance(a, int | float) else "-"
-
-
-def print_adapters(out: dict, stream: TextIO) -> None:
-    """The adapters as a table, one line each."""
-    rows = [("JOB", "TRAINED", "BASE", "DATASET", "VERDICT", "HELD-OUT LOSS", "ON VOLUME")]
-    for e in out.get("adapters") or []:
-        d = e.get("dataset") or {}
-        dataset = "@".join(str(x) for x in (d.get("name"), d.get("version")) if x) or "-"
-        rows.append((
-            e["job_id"], (e.get("trained_at") or "-")[:16], str(e.get("base_model") or "-"), dataset,
-            str(e.get("verdict") or "-"), _loss(e.get("metrics") or {}), "yes" if e.get("adapter_present") else "no",
-        ))  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=stream)
-    if not out.get("adapters"):
-        print("(no trained adapters on the volume)", file=stream)
-    for s in out.get("skipped") or []:
-        print(f"skipped: {s}", file=stream)
-    stream.flush()
 
 
 # ---------------------------------------------------------------------------------- progress line
@@ -418,60 +351,14 @@ def _submit_parser(sub) -> None:
     s.add_argument("--poll-s", type=float, default=1.5, help="seconds between /status polls with --wait")
 
 
-CHAT_DESCRIPTION = """\
-Talk to a trained adapter: send a `generate` job with one conversation per --message (each after the
---system prompt, if given) or the conversations of --messages-json, wait for it, and print each reply
-(with --compare-base, the base model's reply too). Loading a 70B base takes minutes; progress is drawn
-on stderr meanwhile. Exit codes as for submit --wait.
-"""
-
-LIST_DESCRIPTION = """\
-List the trained adapters on the endpoint's volume (a `list` job): job id, when it was trained, base
-model, dataset, verdict and held-out loss before -> after, newest first.
-"""
-
-
-def _chat_parser(sub) -> None:
-    s = sub.add_parser(
-        "chat", help="talk to a trained adapter", description=CHAT_DESCRIPTION, formatter_class=_HelpFormatter
-    )
-    _endpoint_args(s)
-    s.add_argument(
-        "--adapter",
-        required=True,
-        help="a training job's id, an adapter folder, or the https URL of its archive",
-    )
-    s.add_argument("--message", action="append", help="a user message; each one is its own conversation")
-    s.add_argument("--system", help="a system prompt put before every --message")
-    s.add_argument(
-        "--messages-json", help="a JSON file: a list of conversations, each a list of {role, content}"
-    )
-    s.add_argument("--max-new-tokens", type=int, help="longest reply in tokens (job default: 256)")
-    s.add_argument("--temperature", type=float, help="0 is greedy (job default); above 0 samples")
-    s.add_argument("--compare-base", action="store_true", help="also show the base model's reply")
-    s.add_argument("--adapter-sha256", help="expected SHA-256 of the archive when --adapter is a URL")
-    s.add_argument("--json", action="store_true", help="print the job's output JSON instead of the replies")
-    s.add_argument("--poll-s", type=float, default=1.5, help="seconds between /status polls")
-
-
-def _list_parser(sub) -> None:
-    s = sub.add_parser(
-        "list", help="list the trained adapters", description=LIST_DESCRIPTION, formatter_class=_HelpFormatter
-    )
-    _endpoint_args(s)
-    s.add_argument("--limit", type=int, help="at most this many adapters (job default: 200)")
-    s.add_argument("--json", action="store_true", help="print the job's output JSON instead of a table")
-    s.add_argument("--poll-s", type=float, default=1.5, help="seconds between /status polls")
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lora_worker", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
     _submit_parser(sub)
-    _chat_parser(sub)
-    _list_parser(sub)
+    add_chat_parser(sub, _endpoint_args, _HelpFormatter)
+    add_list_parser(sub, _endpoint_args, _HelpFormatter)
     for name, help_ in (("status", "print a job's status JSON"), ("cancel", "cancel a job")):
         c = sub.add_parser(
             name, help=help_, description=f"{help_[0].upper()}{help_[1:]}.", formatter_class=_HelpFormatter
@@ -550,11 +437,14 @@ def main(argv: list[str] | None = None) -> int:
             _print_json(client.cancel(a.job_id))
             return 0
         if a.command in ("chat", "list"):
-            job_input = (
-                build_generate_input(a, local=local)
-                if a.command == "chat"
-                else {"task": "list", **({"limit": a.limit} if a.limit is not None else {})}
-            )
+            try:
+                job_input = (
+                    build_generate_input(a, local=local)
+                    if a.command == "chat"
+                    else {"task": "list", **({"limit": a.limit} if a.limit is not None else {})}
+                )
+            except ChatInputError as e:
+                raise ClientError(str(e)) from None
             return _ask(client, job_input, a, err)
         accepted = client.submit(build_input(a, local=local))
         job_id = accepted.get("id")

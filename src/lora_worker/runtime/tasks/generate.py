@@ -123,6 +123,8 @@ def generate_task(
     )
     with watch("adapter"):
         source = adapter_source(spec, settings.volume_dir, work_dir, cancel, reporter)
+    if source.kind == "url":
+        reporter.stage("resolving_model", message="fetching the base model's config and tokenizer")
     base_model, revision = base_of(spec, source)
     serving = check_adapter_dir(source.path, lora_name=source.job_id or "adapter")
     if not serving.ok:
