@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lora_worker.runtime.evaluation.evidence import Evidence
+
 Status = Literal["completed", "failed", "cancelled"]
 Verdict = Literal["improved", "unchanged", "worse", "not_measured"]
 
@@ -31,6 +33,9 @@ class ReportFiles(_Model):
     markdown: str = Field(description="report.md")
     plot: str = Field(description="loss_curve.png")
     html: str | None = Field(None, description="report.html: the self-contained client report")
+    human_sheet_html: str | None = Field(None, description="Blinded A/B sheet for the studio's staff.")
+    human_sheet_csv: str | None = Field(None, description="The same sheet as CSV, to fill in.")
+    human_key: str | None = Field(None, description="Which reply is which (kept out of the archive).")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
 
@@ -97,6 +102,9 @@ class JobResult(_Model):
     dataset: dict[str, Any] | None = Field(None, description="The dataset summary (see the report schema).")
     plan: dict[str, Any] | None = Field(None, description="Steps, tokens, estimated time and cost.")
     lineage: dict[str, Any] | None = None
+    evidence: dict[str, Any] | None = Field(
+        None, description="The evidence's figures (judge win rates, forgetting, end of turn); texts in the report."
+    )
     timings_s: dict[str, float] = Field(default_factory=dict)
     gpu: str = "cpu"
     gpu_seconds: float = Field(0.0, description="Seconds of all attempts together.")
@@ -141,6 +149,7 @@ class Report(_Model):
     eval_cost_usd: float = 0.0
     warnings: list[str] = Field(default_factory=list)
     adapter: AdapterFiles | None = None
+    evidence: Evidence | None = Field(None, description="Slices, scenarios, judge, forgetting, end of turn.")
 
 
 def json_schemas() -> dict[str, dict]:

@@ -62,6 +62,12 @@ class Settings:
     than `job_lock_stale_s`, so a redelivery after a worker death takes over the dead worker's lock."""
     job_lock_stale_s: float = 120.0
     """`JOB_LOCK_STALE_S`: a job lock whose holder has not refreshed it for this long is broken."""
+    judge_base_url: str | None = None
+    """`JUDGE_BASE_URL`: an OpenAI-compatible chat endpoint for `evaluation.judge: openai`."""
+    judge_api_key: str | None = field(default=None, repr=False)
+    """`JUDGE_API_KEY`: its key (a secret: never in logs, outputs or files)."""
+    judge_model: str | None = None
+    """`JUDGE_MODEL`: the judge model's name at that endpoint."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -86,11 +92,14 @@ class Settings:
             keep_checkpoints=_flag(env.get("KEEP_CHECKPOINTS")),
             job_lock_wait_s=float(env.get("JOB_LOCK_WAIT_S", "180")),
             job_lock_stale_s=float(env.get("JOB_LOCK_STALE_S", "120")),
+            judge_base_url=env.get("JUDGE_BASE_URL") or None,
+            judge_api_key=_secret(env.get("JUDGE_API_KEY")),
+            judge_model=env.get("JUDGE_MODEL") or None,
         )
 
     def secrets(self) -> list[str]:
         """Every secret value held, for tests and log scrubbing."""
-        return [s for s in (self.webhook_secret, self.hf_token, self.wandb_api_key) if s]
+        return [s for s in (self.webhook_secret, self.hf_token, self.wandb_api_key, self.judge_api_key) if s]
 
     def hourly_rate(self, gpu_name: str) -> float:
         if self.gpu_hourly_usd is not None:
