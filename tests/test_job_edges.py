@@ -101,3 +101,20 @@ def test_a_dataset_from_a_url_and_a_missing_one(tiny_model, small_dataset, tmp_p
     assert (tmp_path / "jobs" / "url" / "dataset" / "br.json").read_bytes() == data
     assert missing["status"] == "failed" and missing["error"].startswith("dataset_url:")
     assert "404" in missing["error"] and "token=abc" not in json.dumps(missing)
+
+
+def test_require_cuda_on_a_machine_without_a_gpu_fails_at_once_naming_the_cause(
+    tiny_model, small_dataset, tmp_path
+):
+    seen = Recorder()
+    result = run_job(
+        small_job(tiny_model, small_dataset, job_id="nogpu"),
+        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path), "REQUIRE_CUDA": "1"}),
+        channels=(seen,),
+    )
+    assert result["status"] == "failed" and result["error"].startswith(
+        "REQUIRE_CUDA is set but no usable CUDA GPU"
+    )
+    assert "driver" in result["error"] or "CPU wheel" in result["error"]
+    assert result["timings_s"].get("dataset_fetch") is None  # before anything was fetched
+    assert [e["stage"] for e in seen.events] == ["failed"]

@@ -243,3 +243,30 @@ def test_the_sdk_logs_no_job_input_or_signature_in_local_mode(tiny_model, small_
     result = json.loads((tmp_path / "jobs" / "sdk-local" / "result.json").read_text())
     assert result["status"] == "completed" and result["uploads"]["presigned"]["ok"]
     assert out.count('"lora_artifact_path"') == 1  # the output is printed once, not by the SDK again
+
+
+def test_a_job_of_one_optimizer_step_changes_the_models_logits(tiny_model, small_dataset, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = run_job(
+        small_job(
+            tiny_model,
+            small_dataset,
+            job_id="one-step",
+            # every micro-batch of the epoch in one optimizer step
+            hyperparameters={"gradient_accumulation_steps": 1024, "warmup_ratio": 0.5},
+            evaluation={"num_samples": 0},
+        ),
+        settings=Settings.from_env({"VOLUME_DIR": str(tmp_path)}),
+    )
+    assert result["status"] == "completed", result
+    assert result["metrics"]["steps"] == 1
+    assert any("only 1 optimizer step" in w for w in result["warnings"]), result["warnings"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    x = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        before = base(input_ids=x).logits
+        after = PeftModel.from_pretrained(base, result["lora_artifact_path"])(input_ids=x).logits
+    assert not torch.allclose(before, after, atol=1e-5)

@@ -169,6 +169,7 @@ def train_job(
         loaded = load_dataset(
             dataset.path, spec.dataset_format, fold=spec.training.fold_conversations,
             min_quality_score=spec.data.min_quality_score, should_stop=stop,
+            on_progress=counting(reporter, "reading conversations"),
         )  # fmt: skip
     reporter.stage("resolving_model")
     with watch("model_config"):
@@ -182,7 +183,7 @@ def train_job(
         data = prepare_dataset(
             loaded, tokenizer, max_seq_length=hp.max_seq_length, eval_fraction=ev.eval_fraction,
             max_eval=ev.max_eval_conversations, seed=hp.seed, tokenizer_name=spec.base_model,
-            should_stop=stop,
+            should_stop=stop, on_progress=counting(reporter, "tokenizing conversations"),
         )  # fmt: skip
     cfg = train_config(spec, paths.checkpoints, paths.tensorboard, report_to(settings, warnings))
     plan = plan_job(data, meta, spec, cfg, device, settings)
@@ -322,6 +323,11 @@ def open_reporter(
         min_interval_s=settings.progress_interval_s,
         first_sequence=attempt.next_sequence(),
     )
+
+
+def counting(reporter: Reporter, what: str) -> Callable[[int, int], None]:
+    """A progress callback for long dataset loops: `what: done/total`, rate-limited by the reporter."""
+    return lambda done, total: reporter.progress(message=f"{what}: {done:,}/{total:,}")
 
 
 def report_to(settings: Settings, warnings: list[str]) -> tuple[str, ...]:
