@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lora_worker.tools.client",
         "submit a training job to an endpoint (optionally --wait with a progress bar)",
     ),
+    "prune": ("lora_worker.tools.prune", "report and free what old jobs hold on the volume"),
     "schemas": ("lora_worker.tools.schemas", "write the JSON Schemas of input, events, result and report"),
     "human-eval": ("lora_worker.tools.human_eval", "score a job's blinded human A/B sheet"),
     "status": ("lora_worker.tools.client", "show a job's status"),
