@@ -94,6 +94,7 @@ class Scripted(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         srv = self.server
         srv.requests.append({"headers": dict(self.headers), "body": body, "path": self.path})  # type: ignore[attr-defined]
+        srv.on_request()  # type: ignore[attr-defined]
         script = srv.script  # type: ignore[attr-defined]
         status, headers, payload = script.pop(0) if len(script) > 1 else script[0]
         headers = {k: (v.replace("{md5}", hashlib.md5(body).hexdigest())) for k, v in headers.items()}
@@ -114,6 +115,7 @@ def scripted() -> Iterator:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
     server.requests = []  # type: ignore[attr-defined]
     server.script = [(200, {}, "")]  # type: ignore[attr-defined]
+    server.on_request = lambda: None  # type: ignore[attr-defined]  # a fault to inject mid-request
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     yield server
@@ -304,6 +306,20 @@ def test_closed_port_fails_after_all_attempts_quickly_without_leaking_the_signat
     assert result["url"] == redact_url(url) == url.split("?")[0]
     text = json.dumps(result) + "\n".join(messages)
     assert "SIGSECRET" not in text and "TOKSECRET" not in text
+
+
+def test_archive_deleted_during_the_upload_stops_without_retrying(scripted, archive: dict) -> None:
+    # The store has the body and answers with an MD5 ETag; checking it needs the archive, now gone.
+    path = Path(archive["path"])
+    scripted.on_request = path.unlink
+    scripted.script = [(200, {"ETag": '"{md5}"'}, "")]
+    sleeps = Sleeps()
+    result = upload_presigned(path, url_of(scripted), sha256=archive["sha256"], sleep=sleeps)
+
+    assert result["ok"] is False and result["attempts"] == 1 and sleeps == []
+    assert result["status"] == 200 and result["etag_verified"] is None
+    assert result["error"].startswith(f"cannot read archive {path}")
+    assert len(scripted.requests) == 1
 
 
 def test_missing_file_is_reported_not_raised(tmp_path: Path) -> None:

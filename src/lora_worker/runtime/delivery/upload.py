@@ -8,15 +8,18 @@ scrubbed from error text.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import requests
+from huggingface_hub import HfApi
 
 from lora_worker.runtime.files import digest_file
 from lora_worker.runtime.net import backoff_s as net_backoff_s
@@ -66,6 +69,97 @@ def _explain_client_error(status: int, detail: str) -> str:
     return f"HTTP {status}: {hint}" + (f" ({detail})" if detail else "") + "; not retried"
 
 
+@dataclass
+class _Attempt:
+    """What one PUT came to; `stop` says why retrying cannot help, None when another try may."""
+
+    status: int | None = None
+    etag: str | None = None
+    etag_verified: bool | None = None
+    error: str | None = None
+    ok: bool = False
+    stop: Literal["rejected", "unreadable"] | None = None
+    retry_after_s: float | None = None  # the store's Retry-After, capped; None: use the backoff
+
+
+def _etag_verified(response: requests.Response, md5_of: Callable[[], str]) -> bool | None:
+    """True when the ETag is the archive's MD5, False when it differs, None when it cannot tell."""
+    match = _MD5_ETAG.match(response.headers.get("ETag") or "")
+    # SSE-KMS / SSE-C objects get an ETag that is not the MD5 of the body.
+    encrypted = response.headers.get("x-amz-server-side-encryption", "").startswith("aws:kms") or bool(
+        response.headers.get("x-amz-server-side-encryption-customer-algorithm")
+    )
+    if not match or encrypted:
+        return None
+    return match.group(1).lower() == md5_of()
+
+
+def _read_response(response: requests.Response, url: str, md5_of: Callable[[], str], out: _Attempt) -> None:
+    """Fill `out` from the store's answer; raises _IntegrityError when the stored MD5 differs."""
+    status = out.status = response.status_code
+    out.etag = response.headers.get("ETag")
+    if 200 <= status < 300:
+        out.etag_verified = _etag_verified(response, md5_of)
+        if out.etag_verified is False:
+            raise _IntegrityError(
+                f"stored object's MD5 (ETag {out.etag}) differs from the archive's MD5 {md5_of()}"
+            )
+        out.ok = True
+        return
+    detail = scrub(_s3_error(response.content[:4000].decode("utf-8", "replace")), url)
+    if status in RETRY_STATUSES or status >= 500:
+        out.error = f"HTTP {status}" + (f" ({detail})" if detail else "")
+        wait = retry_after_s(response.headers.get("Retry-After"), time.time())
+        out.retry_after_s = None if wait is None else min(wait, MAX_RETRY_AFTER_S)
+    else:
+        out.error = _explain_client_error(status, detail)
+        out.stop = "rejected"
+
+
+def _put_once(path: Path, url: str, *, size: int, timeout_s: float, md5_of: Callable[[], str]) -> _Attempt:
+    """One PUT of the whole file; never raises for network, store or integrity failures."""
+    out = _Attempt()
+    try:
+        # A fresh file object per attempt: a retry must resend from byte 0. requests streams a
+        # file body in blocks (never the whole archive in memory); the explicit Content-Length
+        # keeps it from falling back to chunked encoding, which S3 presigned PUTs reject.
+        with open(path, "rb") as body:
+            response = requests.put(
+                url,
+                data=body,
+                headers={"Content-Type": "application/gzip", "Content-Length": str(size)},
+                # (connect, read) seconds; read covers the store's wait before answering a big PUT.
+                timeout=(min(CONNECT_TIMEOUT_S, timeout_s), timeout_s),
+                allow_redirects=False,
+            )
+        with response:
+            _read_response(response, url, md5_of, out)
+    except _IntegrityError as exc:
+        out.etag_verified, out.error = False, str(exc)
+    except requests.RequestException as exc:
+        out.error = f"{type(exc).__name__}: {scrub(str(exc), url)}"
+    except OSError as exc:
+        if not path.is_file():  # the archive vanished mid-way: nothing left to retry with
+            out.error, out.stop = f"cannot read archive {path}: {exc.strerror or exc}", "unreadable"
+        else:  # a socket error that escaped requests' wrapping: transient like any connection error
+            out.error = f"{type(exc).__name__}: {scrub(str(exc), url)}"
+    return out
+
+
+def _upload_record(safe_url: str, sha256: str) -> dict[str, Any]:
+    """The record upload_presigned returns, before any attempt."""
+    return {
+        "ok": False,
+        "url": safe_url,
+        "attempts": 0,
+        "status": None,
+        "etag": None,
+        "sha256": sha256,
+        "error": None,
+        "etag_verified": None,
+    }
+
+
 def upload_presigned(
     path: Path,
     url: str,
@@ -96,16 +190,7 @@ def upload_presigned(
     """
     emit = log or logger.info
     safe_url = redact_url(url)
-    result: dict[str, Any] = {
-        "ok": False,
-        "url": safe_url,
-        "attempts": 0,
-        "status": None,
-        "etag": None,
-        "sha256": sha256,
-        "error": None,
-        "etag_verified": None,
-    }
+    result = _upload_record(safe_url, sha256)
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -116,76 +201,33 @@ def upload_presigned(
         result["error"] = "upload URL must be an http(s) URL"
         return result
 
-    md5: str | None = None  # computed only if the store returns an MD5-shaped ETag
+    # Hashed at most once, and only if the store returns an MD5-shaped ETag to compare with.
+    md5_of = functools.cache(lambda: digest_file(path, hashlib.md5(usedforsecurity=False)))
     attempts = max(1, int(attempts))
     for attempt in range(1, attempts + 1):
+        out = _put_once(path, url, size=size, timeout_s=timeout_s, md5_of=md5_of)
         # Each attempt's outcome replaces the last one's: the record describes the final try.
-        result.update(attempts=attempt, status=None, etag=None, etag_verified=None)
-        retry_after: float | None = None
-        try:
-            # A fresh file object per attempt: a retry must resend from byte 0. requests streams a
-            # file body in blocks (never the whole archive in memory); the explicit Content-Length
-            # keeps it from falling back to chunked encoding, which S3 presigned PUTs reject.
-            with open(path, "rb") as body:
-                response = requests.put(
-                    url,
-                    data=body,
-                    headers={"Content-Type": "application/gzip", "Content-Length": str(size)},
-                    # (connect, read) seconds; read covers the store's wait before answering a big PUT.
-                    timeout=(min(CONNECT_TIMEOUT_S, timeout_s), timeout_s),
-                    allow_redirects=False,
-                )
-            with response:
-                status = response.status_code
-                result["status"] = status
-                etag = response.headers.get("ETag")
-                result["etag"] = etag
-                if 200 <= status < 300:
-                    match = _MD5_ETAG.match(etag or "")
-                    # SSE-KMS / SSE-C objects get an ETag that is not the MD5 of the body.
-                    encrypted = response.headers.get("x-amz-server-side-encryption", "").startswith(
-                        "aws:kms"
-                    ) or bool(response.headers.get("x-amz-server-side-encryption-customer-algorithm"))
-                    if match and not encrypted:
-                        md5 = md5 or digest_file(path, hashlib.md5(usedforsecurity=False))
-                        if match.group(1).lower() != md5:
-                            result["etag_verified"] = False
-                            raise _IntegrityError(
-                                f"stored object's MD5 (ETag {etag}) differs from the archive's MD5 {md5}"
-                            )
-                        result["etag_verified"] = True
-                    result.update(ok=True, error=None)
-                    emit(f"uploaded {size:,} bytes to {safe_url} (attempt {attempt}, HTTP {status})")
-                    return result
-                detail = scrub(_s3_error(response.content[:4000].decode("utf-8", "replace")), url)
-                if status in RETRY_STATUSES or status >= 500:
-                    result["error"] = f"HTTP {status}" + (f" ({detail})" if detail else "")
-                    wait = retry_after_s(response.headers.get("Retry-After"), time.time())
-                    retry_after = None if wait is None else min(wait, MAX_RETRY_AFTER_S)
-                else:
-                    result["error"] = _explain_client_error(status, detail)
-                    emit(f"upload to {safe_url} failed: {result['error']}")
-                    return result
-        except _IntegrityError as exc:
-            result["error"] = str(exc)
-        except requests.RequestException as exc:
-            result["error"] = f"{type(exc).__name__}: {scrub(str(exc), url)}"
-        except OSError as exc:
-            if not path.is_file():  # the archive vanished mid-way: nothing left to retry with
-                result["error"] = f"cannot read archive {path}: {exc.strerror or exc}"
-                return result
-            # A socket error that escaped requests' wrapping: transient like any connection error.
-            result["error"] = f"{type(exc).__name__}: {scrub(str(exc), url)}"
-
+        result.update(
+            ok=out.ok,
+            attempts=attempt,
+            status=out.status,
+            etag=out.etag,
+            error=out.error,
+            etag_verified=out.etag_verified,
+        )
+        if out.ok:
+            emit(f"uploaded {size:,} bytes to {safe_url} (attempt {attempt}, HTTP {out.status})")
+            return result
+        if out.stop == "rejected":
+            emit(f"upload to {safe_url} failed: {out.error}")
+        if out.stop:
+            return result
         if attempt < attempts:
-            delay = (
-                retry_after
-                if retry_after is not None
-                else net_backoff_s(attempt, backoff_s, MAX_RETRY_AFTER_S)
-            )
+            delay = out.retry_after_s
+            if delay is None:
+                delay = net_backoff_s(attempt, backoff_s, MAX_RETRY_AFTER_S)
             emit(
-                f"upload to {safe_url} attempt {attempt}/{attempts} failed ({result['error']}); "
-                f"retrying in {delay:.1f} s"
+                f"upload to {safe_url} attempt {attempt}/{attempts} failed ({out.error}); retrying in {delay:.1f} s"
             )
             sleep(delay)
     emit(f"upload to {safe_url} failed after {attempts} attempts: {result['error']}")
@@ -193,7 +235,7 @@ def upload_presigned(
 
 
 class _IntegrityError(Exception):
-    pass
+    """The store kept bytes other than the archive's: a failed attempt, retried."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,9 +265,6 @@ def upload_to_hf_hub(
         result["error"] = "no Hugging Face token: set HF_TOKEN to push adapters to the Hub"
         return result
     try:
-        # Imported here: the Hub client is only needed for this delivery option.
-        from huggingface_hub import HfApi
-
         api = HfApi(endpoint=endpoint, token=token)
         repo_url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         commit = api.upload_folder(
