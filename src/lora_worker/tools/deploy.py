@@ -1,41 +1,21 @@
 """`python -m lora_worker deploy`: create or update the RunPod template and scale-to-zero endpoint.
 
-Talks to RunPod's REST API (https://rest.runpod.io/v1, `Authorization: Bearer $RUNPOD_API_KEY`):
-
-    GET   /templates?includeEndpointBoundTemplates=true    find the template by name
-    POST  /templates            | PATCH /templates/{id}    create it, or update it in place
-    GET   /endpoints                                       find the endpoint by name
-    POST  /endpoints            | PATCH /endpoints/{id}    create it, or update it in place
-
-Field names are the REST API's (its OpenAPI `TemplateCreateInput` / `EndpointCreateInput`), which
-differ from the GraphQL names in the runpod SDK (`runpod/api/mutations/endpoints.py`):
-
-    GraphQL (SDK)                 REST (used here)
-    gpuIds: "AMPERE_80,..."       gpuTypeIds: ["NVIDIA H100 80GB HBM3", ...]  (ordered preference)
-    flashBootType: FLASHBOOT      flashboot: true
-    env: [{key, value}]           env: {KEY: value}
-    (not in the SDK mutation)     executionTimeoutMs
-    idleTimeout, workersMin, workersMax, networkVolumeId, scalerType, scalerValue: same names
-
-Running it twice is safe: the template (names are unique per account) and the endpoint are
-looked up by name and PATCHed, never duplicated. `--dry-run` prints the requests and sends none.
-Secrets (`--secret-env NAME`) are read from the local environment and never printed.
+This module is the command: its defaults, arguments and their checks. The REST calls and request
+bodies are in deploy_api.py. Running it twice is safe (the template and endpoint are found by name
+and updated); `--dry-run` prints the requests and sends none. Secrets (`--secret-env NAME`) are read
+from the local environment and never printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
-
-import requests
 
 from lora_worker.runtime.net import scrub
+from lora_worker.tools.deploy_api import Config, DeployError, RestClient, create_or_update, dry_run
 
 DEFAULT_API_URL = "https://rest.runpod.io/v1"
 QUEUE_API_URL = "https://api.runpod.ai/v2"
@@ -93,10 +73,6 @@ DEFAULT_IDLE_TIMEOUT_S = 5
 # model, the held-out evaluation, sample generation and uploading the adapter.
 # Jobs that may run near a day should also send policy.executionTimeout/ttl (docs/deploy.md).
 DEFAULT_EXECUTION_TIMEOUT_H = 25.0
-# RunPod's endpoint-settings page gives 24 h as the maximum execution timeout (longer per job via
-# the /run request's policy); the REST schema states no maximum. Unverified which one the API
-# enforces, so a 400 on a longer timeout gets a hint rather than a silent change.
-_DOCUMENTED_MAX_TIMEOUT_MS = 24 * 3600 * 1000
 # Most jobs running at once; each is one GPU (~$4/h on H100), so this caps the spend rate.
 DEFAULT_WORKERS_MAX = 2
 # Container disk in GB. With a network volume the base model (~141 GB of bf16 safetensors for
@@ -105,263 +81,10 @@ DEFAULT_WORKERS_MAX = 2
 DEFAULT_DISK_GB_WITH_VOLUME = 50
 DEFAULT_DISK_GB_WITHOUT_VOLUME = 200
 
-# RunPod names FlashBoot endpoints "<name> -fb" in some places (console, GraphQL era); treat
-# that suffix as the same name so a re-deploy updates instead of duplicating.
-_FLASHBOOT_SUFFIX = re.compile(r"\s*-fb$")
 # Env names that hold credentials: masked in --dry-run output even when passed with --env.
 _SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|_KEY$)", re.IGNORECASE)
 # A reference to a secret stored in RunPod ({{ RUNPOD_SECRET_name }}): not itself a secret.
 _RUNPOD_SECRET_REF = re.compile(r"^\{\{\s*RUNPOD_SECRET_[A-Za-z0-9_]+\s*\}\}$")
-# Seconds: connect, read. The REST calls are small; a slow answer is a problem worth reporting.
-_HTTP_TIMEOUT_S = (10, 60)
-MASK = "***"
-
-
-class DeployError(Exception):
-    """A problem reported to the user as one line, exit code 1."""
-
-
-@dataclass
-class Request:
-    method: str
-    url: str
-    body: dict[str, Any] | None = None
-
-
-@dataclass
-class Config:
-    name: str
-    image: str
-    template_name: str
-    network_volume_id: str | None
-    gpu_type_ids: list[str]
-    gpu_count: int
-    allowed_cuda_versions: list[str]
-    idle_timeout_s: int
-    execution_timeout_ms: int
-    workers_max: int
-    container_disk_gb: int
-    flashboot: bool
-    env: dict[str, str]
-    secret_values: list[str] = field(default_factory=list, repr=False)
-    masked_keys: set[str] = field(default_factory=set)
-
-
-# ---------------------------------------------------------------------------------------- bodies
-
-
-def template_body(cfg: Config, *, create: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "name": cfg.template_name,
-        "imageName": cfg.image,
-        "containerDiskInGb": cfg.container_disk_gb,
-        # Serverless workers get storage from the network volume, never a per-worker volume.
-        "volumeInGb": 0,
-        "env": dict(cfg.env),
-    }
-    if create:
-        # Only settable at creation (not part of the REST TemplateUpdateInput).
-        body["isServerless"] = True
-        body["category"] = "NVIDIA"
-    return body
-
-
-def endpoint_body(cfg: Config, template_id: str, *, create: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "name": cfg.name,
-        "templateId": template_id,
-        "gpuTypeIds": list(cfg.gpu_type_ids),
-        "gpuCount": cfg.gpu_count,
-        "allowedCudaVersions": list(cfg.allowed_cuda_versions),
-        "workersMin": 0,  # scale to zero: no job, no bill
-        "workersMax": cfg.workers_max,
-        "idleTimeout": cfg.idle_timeout_s,
-        "flashboot": cfg.flashboot,
-        "executionTimeoutMs": cfg.execution_timeout_ms,
-        # Add a worker once a job has waited this many seconds; a cold start takes far longer.
-        "scalerType": "QUEUE_DELAY",
-        "scalerValue": 4,
-    }
-    if cfg.network_volume_id:
-        body["networkVolumeId"] = cfg.network_volume_id
-    if create:
-        body["computeType"] = "GPU"  # only settable at creation
-    return body
-
-
-# ---------------------------------------------------------------------------------------- output
-
-
-def masked(cfg: Config, body: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A copy of a request body with secret env values replaced by `***`."""
-    if body is None or "env" not in body:
-        return body
-    env = {k: (MASK if k in cfg.masked_keys else v) for k, v in body["env"].items()}
-    return {**body, "env": env}
-
-
-def print_request(cfg: Config, req: Request, note: str = "") -> None:
-    print(f"{req.method} {req.url}{note}")
-    if req.body is not None:
-        print(json.dumps(masked(cfg, req.body), indent=2, sort_keys=True))
-
-
-# ------------------------------------------------------------------------------------------ HTTP
-
-
-class RestClient:
-    def __init__(self, api_url: str, api_key: str, cfg: Config):
-        self.api_url = api_url.rstrip("/")
-        self.cfg = cfg
-        self.session = requests.Session()
-        self.session.headers.update(
-            {
-                "Authorization": f"Bearer {api_key}",
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-            }
-        )
-        cfg.secret_values.append(api_key)
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        url = f"{self.api_url}{path}"
-        try:
-            resp = self.session.request(method, url, json=body, timeout=_HTTP_TIMEOUT_S)
-        except requests.Timeout as exc:
-            raise DeployError(
-                f"RunPod API timed out on {method} {url} (limit {_HTTP_TIMEOUT_S[1]} s)"
-            ) from exc
-        except requests.ConnectionError as exc:
-            raise DeployError(
-                f"cannot reach the RunPod API on {method} {url}: {_connection_reason(exc)}"
-            ) from exc
-        if not resp.ok:
-            raise DeployError(
-                scrub(
-                    f"RunPod API error: HTTP {resp.status_code} on {method} {url}: {_api_message(resp)}",
-                    *self.cfg.secret_values,
-                )
-            )
-        if not resp.content:
-            return None
-        try:
-            return resp.json()
-        except ValueError as exc:
-            raise DeployError(
-                f"RunPod API returned non-JSON on {method} {url} (HTTP {resp.status_code}): {resp.text[:200]!r}"
-            ) from exc
-
-
-def _api_message(resp: requests.Response) -> str:
-    """The API's own explanation, from a JSON body's error/message field, else the raw text."""
-    try:
-        data = resp.json()
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        for key in ("error", "message", "detail", "errors"):
-            if data.get(key):
-                value = data[key]
-                return value if isinstance(value, str) else json.dumps(value)
-    if isinstance(data, list) and data:
-        return json.dumps(data)
-    text = " ".join(resp.text.split())
-    return text[:300] if text else (resp.reason or "no message")
-
-
-def _connection_reason(exc: requests.ConnectionError) -> str:
-    text = str(exc)
-    found = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
-    if found:
-        return found.group(0).strip()
-    return "connection failed" if not text else text[:200]
-
-
-# ------------------------------------------------------------------------------------------ flow
-
-
-def _same_name(found: Any, wanted: str) -> bool:
-    return isinstance(found, str) and _FLASHBOOT_SUFFIX.sub("", found.strip()) == wanted
-
-
-def _as_list(data: Any, what: str) -> list[dict[str, Any]]:
-    if not isinstance(data, list):
-        raise DeployError(f"RunPod API returned {type(data).__name__} for the {what} list, expected a list")
-    return [item for item in data if isinstance(item, dict)]
-
-
-def _id_of(data: Any, what: str) -> str:
-    if not isinstance(data, dict) or not data.get("id"):
-        raise DeployError(f"RunPod API response for the {what} has no id: {str(data)[:200]}")
-    return str(data["id"])
-
-
-def deploy(client: RestClient, cfg: Config) -> tuple[str, str]:
-    """Create or update the template, then the endpoint; returns (template_id, endpoint_id)."""
-    # Templates bound to an endpoint are left out of GET /templates unless asked for; without
-    # the flag a second deploy would not see its own template and try to create it again.
-    templates = _as_list(client.call("GET", "/templates?includeEndpointBoundTemplates=true"), "template")
-    endpoints = _as_list(client.call("GET", "/endpoints"), "endpoint")
-
-    matches = [e for e in endpoints if _same_name(e.get("name"), cfg.name)]
-    if len(matches) > 1:
-        ids = ", ".join(str(e.get("id")) for e in matches)
-        raise DeployError(
-            f"{len(matches)} endpoints are named {cfg.name!r} ({ids}); delete the extras or pick another --name"
-        )
-    endpoint = matches[0] if matches else None
-
-    template = next((t for t in templates if t.get("name") == cfg.template_name), None)
-    if template is None and endpoint is not None and endpoint.get("templateId"):
-        # The endpoint's own template, even if it was renamed: update what the endpoint runs.
-        template = next((t for t in templates if t.get("id") == endpoint["templateId"]), None)
-
-    if template is not None:
-        template_id = str(template["id"])
-        client.call("PATCH", f"/templates/{template_id}", template_body(cfg, create=False))
-        print(f"updated template {cfg.template_name!r} ({template_id}): image {cfg.image}")
-    else:
-        template_id = _id_of(
-            client.call("POST", "/templates", template_body(cfg, create=True)), "new template"
-        )
-        print(f"created template {cfg.template_name!r} ({template_id}): image {cfg.image}")
-
-    try:
-        if endpoint is not None:
-            endpoint_id = str(endpoint["id"])
-            client.call("PATCH", f"/endpoints/{endpoint_id}", endpoint_body(cfg, template_id, create=False))
-            print(f"updated endpoint {cfg.name!r} ({endpoint_id})")
-        else:
-            endpoint_id = _id_of(
-                client.call("POST", "/endpoints", endpoint_body(cfg, template_id, create=True)),
-                "new endpoint",
-            )
-            print(f"created endpoint {cfg.name!r} ({endpoint_id})")
-    except DeployError as exc:
-        if "HTTP 400" in str(exc) and cfg.execution_timeout_ms > _DOCUMENTED_MAX_TIMEOUT_MS:
-            raise DeployError(
-                f"{exc} (RunPod's docs give 24 h as the endpoint execution-timeout maximum: retry with "
-                "--execution-timeout-hours 24 and send policy.executionTimeout with each job, see docs/deploy.md)"
-            ) from exc
-        raise
-    return template_id, endpoint_id
-
-
-def dry_run(api_url: str, cfg: Config) -> None:
-    base = api_url.rstrip("/")
-    print("# dry run: nothing is sent. A real run sends these requests, in this order:")
-    print_request(cfg, Request("GET", f"{base}/templates?includeEndpointBoundTemplates=true"))
-    print_request(cfg, Request("GET", f"{base}/endpoints"))
-    print_request(
-        cfg,
-        Request("POST", f"{base}/templates", template_body(cfg, create=True)),
-        f"    (PATCH {base}/templates/{{id}} instead if template {cfg.template_name!r} exists)",
-    )
-    print_request(
-        cfg,
-        Request("POST", f"{base}/endpoints", endpoint_body(cfg, "<template id>", create=True)),
-        f"    (PATCH {base}/endpoints/{{id}} instead if endpoint {cfg.name!r} exists)",
-    )
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -377,6 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--network-volume-id", help="network volume to mount at /runpod-volume (model cache, checkpoints)"
     )
+    _add_worker_args(p)
+    _add_env_args(p)
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the requests (secrets masked) and send nothing"
+    )
+    p.add_argument(
+        "--api-url", default=DEFAULT_API_URL, help=f"RunPod REST API base (default {DEFAULT_API_URL})"
+    )
+    return p
+
+
+def _add_worker_args(p: argparse.ArgumentParser) -> None:
+    """The endpoint's GPUs, scaling, timeouts and disk."""
     p.add_argument(
         "--gpu-ids",
         nargs="+",
@@ -427,6 +163,10 @@ def _parser() -> argparse.ArgumentParser:
         f"{DEFAULT_DISK_GB_WITHOUT_VOLUME} without)",
     )
     p.add_argument("--no-flashboot", dest="flashboot", action="store_false", help="turn FlashBoot off")
+
+
+def _add_env_args(p: argparse.ArgumentParser) -> None:
+    """The template's environment: plain values, and secrets copied from this shell."""
     p.add_argument(
         "--env",
         action="append",
@@ -441,13 +181,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="copy env var NAME from this shell into the template, never printing it (repeatable)",
     )
-    p.add_argument(
-        "--dry-run", action="store_true", help="print the requests (secrets masked) and send nothing"
-    )
-    p.add_argument(
-        "--api-url", default=DEFAULT_API_URL, help=f"RunPod REST API base (default {DEFAULT_API_URL})"
-    )
-    return p
 
 
 def _check_cuda_versions(versions: list[str]) -> None:
@@ -468,9 +201,9 @@ def _check_cuda_versions(versions: list[str]) -> None:
         )
 
 
-def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
-    name = args.name.strip()
-    if not name:
+def _check_limits(args: argparse.Namespace) -> None:
+    """Refuse an empty name or image and numbers outside what RunPod accepts, naming the flag."""
+    if not args.name.strip():
         raise DeployError("--name must not be empty")
     if not args.image.strip():
         raise DeployError("--image must not be empty")
@@ -486,23 +219,20 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config
     if not 1 <= args.gpu_count <= MAX_GPU_COUNT:
         raise DeployError(f"--gpu-count must be 1-{MAX_GPU_COUNT}, got {args.gpu_count}")
 
-    gpu_ids = [
-        g.strip() for arg in (args.gpu_ids or DEFAULT_GPU_TYPE_IDS) for g in arg.split(",") if g.strip()
-    ]
-    if not gpu_ids:
-        raise DeployError("--gpu-ids needs at least one GPU type")
-    cuda = [
-        v.strip()
-        for arg in (args.allowed_cuda_versions or DEFAULT_CUDA_VERSIONS)
-        for v in arg.split(",")
-        if v.strip()
-    ]
-    _check_cuda_versions(cuda)
 
+def _split_values(given: list[str] | None, default: list[str]) -> list[str]:
+    """Space- or comma-separated flag values, blanks dropped; `default` when the flag is absent."""
+    return [v.strip() for arg in (given or default) for v in arg.split(",") if v.strip()]
+
+
+def _template_env(
+    env_args: list[str], secret_names: list[str], environ: Mapping[str, str]
+) -> tuple[dict[str, str], set[str], list[str]]:
+    """(env, keys masked in output, secret values to scrub from errors) from --env and --secret-env."""
     env: dict[str, str] = {}
     masked_keys: set[str] = set()
     secret_values: list[str] = []
-    for item in args.env:
+    for item in env_args:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
@@ -518,7 +248,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config
                 f"or a RunPod secret reference ({{{{ RUNPOD_SECRET_{key.lower()} }}}})",
                 file=sys.stderr,
             )
-    for key in args.secret_env:
+    for key in secret_names:
         key = key.strip()
         value = environ.get(key, "")
         if not value:
@@ -526,13 +256,28 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config
         env[key] = value
         masked_keys.add(key)
         secret_values.append(value)
+    return env, masked_keys, secret_values
 
+
+def _container_disk_gb(args: argparse.Namespace) -> int:
     disk = args.container_disk_gb
     if disk is None:
         disk = DEFAULT_DISK_GB_WITH_VOLUME if args.network_volume_id else DEFAULT_DISK_GB_WITHOUT_VOLUME
     if disk < 10:
         raise DeployError(f"--container-disk-gb must be at least 10, got {disk}")
+    return disk
 
+
+def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """The checked deploy settings from parsed arguments; secrets read from `environ`."""
+    _check_limits(args)
+    gpu_ids = _split_values(args.gpu_ids, DEFAULT_GPU_TYPE_IDS)
+    if not gpu_ids:
+        raise DeployError("--gpu-ids needs at least one GPU type")
+    cuda = _split_values(args.allowed_cuda_versions, DEFAULT_CUDA_VERSIONS)
+    _check_cuda_versions(cuda)
+    env, masked_keys, secret_values = _template_env(args.env, args.secret_env, environ)
+    name = args.name.strip()
     return Config(
         name=name,
         image=args.image.strip(),
@@ -544,7 +289,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config
         idle_timeout_s=args.idle_timeout,
         execution_timeout_ms=round(args.execution_timeout_hours * 3600 * 1000),
         workers_max=args.workers_max,
-        container_disk_gb=disk,
+        container_disk_gb=_container_disk_gb(args),
         flashboot=args.flashboot,
         env=env,
         secret_values=secret_values,
@@ -576,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 "RUNPOD_API_KEY is not set: create an API key in the RunPod console (Settings > API Keys) "
                 "and `export RUNPOD_API_KEY=...`, or use --dry-run"
             )
-        _, endpoint_id = deploy(RestClient(args.api_url, api_key, cfg), cfg)
+        _, endpoint_id = create_or_update(RestClient(args.api_url, api_key, cfg), cfg)
     except DeployError as exc:
         message = scrub(str(exc), *cfg.secret_values) if cfg else str(exc)
         print(f"error: {message}", file=sys.stderr)
