@@ -15,323 +15,26 @@ in docs/local.md. State is in memory only: restarting the endpoint forgets every
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections import deque
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import requests
+
+from lora_worker.runtime.net import redact_url
+from lora_worker.tools.local_queue import JobRecord, QueueState
+from lora_worker.tools.local_worker import WorkerSupervisor, default_handler_path, worker_env
+
 log = logging.getLogger(__name__)
-
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
-# runpod SDK 1.12 pings every RUNPOD_PING_INTERVAL ms (default 10000); loopback can afford more often,
-# which lets a dead worker's job be requeued sooner.
-WORKER_PING_INTERVAL_MS = 2000
-
-
-@dataclass
-class JobRecord:
-    id: str
-    input: Any
-    webhook: str | None
-    submitted: float  # time.monotonic() seconds, like every time below
-    execution_timeout_s: float | None = None
-    status: str = "IN_QUEUE"
-    worker_id: str | None = None
-    first_started: float | None = None
-    started: float | None = None
-    finished: float | None = None
-    output: Any = None
-    error: Any = None
-    stream: list[Any] = field(default_factory=list)
-    retries: int = 0  # times a dead worker's job went back to the queue
-    progress_updates: int = 0
-    ignored_posts: int = 0  # late or stale posts dropped (after a final status, or from a former holder)
-
-    def view(self, now: float) -> dict:
-        """The body of GET /status/<id>, in the public API's shape (times in milliseconds)."""
-        out: dict[str, Any] = {"id": self.id, "status": self.status}
-        if self.first_started is not None:
-            out["delayTime"] = int((self.first_started - self.submitted) * 1000)
-        if self.started is not None:
-            out["executionTime"] = int(((self.finished or now) - self.started) * 1000)
-        if self.worker_id:
-            out["workerId"] = self.worker_id
-        if self.output is not None:
-            out["output"] = self.output
-        if self.error is not None:
-            out["error"] = self.error
-        if self.retries:
-            out["retries"] = self.retries
-        return out
-
-
-@dataclass
-class WorkerRecord:
-    id: str
-    last_seen: float
-    stop: list[str] = field(default_factory=list)  # job ids waiting for its next job-stop poll
-    unhealthy: str | None = None
-    gone: bool = False
-
-
-class QueueState:
-    """The endpoint's jobs and workers; every method is thread-safe (one lock, one condition)."""
-
-    def __init__(self, *, requeue_after_s: float = 10.0, clock=time.monotonic):
-        self.requeue_after_s = requeue_after_s
-        self.clock = clock
-        self.jobs: dict[str, JobRecord] = {}
-        self.queue: deque[str] = deque()
-        self.workers: dict[str, WorkerRecord] = {}
-        self.cond = threading.Condition()
-        self.closing = False
-        self.on_final: list[Any] = []  # callback(job, status view) when a job reaches a final status
-
-    # ------------------------------------------------------------------ dashboard side
-
-    def submit(self, job_input: Any, *, webhook: str | None = None, policy: dict | None = None) -> dict:
-        timeout_ms = policy.get("executionTimeout") if isinstance(policy, dict) else None
-        with self.cond:
-            job = JobRecord(
-                id=f"{uuid.uuid4()}-local",
-                input=job_input,
-                webhook=webhook,
-                submitted=self.clock(),
-                execution_timeout_s=float(timeout_ms) / 1000 if timeout_ms else None,
-            )
-            self.jobs[job.id] = job
-            self.queue.append(job.id)
-            self.cond.notify_all()
-            log.info("job %s queued", job.id)
-            return {"id": job.id, "status": job.status}
-
-    def status(self, job_id: str) -> dict | None:
-        with self.cond:
-            self._sweep()
-            job = self.jobs.get(job_id)
-            return job.view(self.clock()) if job else None
-
-    def wait_final(self, job_id: str, timeout_s: float) -> dict | None:
-        """Block until the job is final or timeout_s passes (for /runsync); returns its status."""
-        deadline = self.clock() + timeout_s
-        with self.cond:
-            while True:
-                self._sweep()
-                job = self.jobs.get(job_id)
-                if job is None:
-                    return None
-                left = deadline - self.clock()
-                if job.status in FINAL or left <= 0 or self.closing:
-                    return job.view(self.clock())
-                self.cond.wait(min(left, 1.0))  # wake each second to sweep dead workers
-
-    def cancel(self, job_id: str) -> dict | None:
-        with self.cond:
-            job = self.jobs.get(job_id)
-            if job is None:
-                return None
-            if job.status == "IN_QUEUE":
-                self.queue.remove(job_id)
-                self._finish(job, "CANCELLED")
-            elif job.status == "IN_PROGRESS":
-                worker = self.workers.get(job.worker_id or "")
-                if worker is not None:
-                    worker.stop.append(job_id)  # delivered on the worker's job-stop long-poll
-                self._finish(job, "CANCELLED")
-            self.cond.notify_all()
-            return {"id": job.id, "status": job.status}
-
-    def purge_queue(self) -> dict:
-        with self.cond:
-            removed = list(self.queue)
-            for job_id in removed:
-                self._finish(self.jobs[job_id], "CANCELLED")
-            self.queue.clear()
-            return {"removed": len(removed), "status": "completed"}
-
-    def health(self) -> dict:
-        with self.cond:
-            self._sweep()
-            by_status = [j.status for j in self.jobs.values()]
-            holders = {j.worker_id for j in self.jobs.values() if j.status == "IN_PROGRESS"}
-            live = [w for w in self.workers.values() if not w.gone]
-            return {
-                "jobs": {
-                    "completed": by_status.count("COMPLETED"),
-                    "failed": by_status.count("FAILED"),
-                    "inProgress": by_status.count("IN_PROGRESS"),
-                    "inQueue": by_status.count("IN_QUEUE"),
-                    "retried": sum(j.retries for j in self.jobs.values()),
-                },
-                "workers": {
-                    "idle": sum(1 for w in live if w.id not in holders and not w.unhealthy),
-                    "running": sum(1 for w in live if w.id in holders),
-                    "unhealthy": sum(1 for w in live if w.unhealthy),
-                },
-            }
-
-    # ------------------------------------------------------------------ worker side
-
-    def take(self, worker_id: str, *, job_in_progress: bool, wait_s: float, batch: int = 1) -> list[dict]:
-        """Hand the worker up to `batch` queued jobs, waiting up to wait_s for one (long-poll)."""
-        deadline = self.clock() + wait_s
-        with self.cond:
-            worker = self._seen(worker_id)
-            if not job_in_progress:
-                # The worker says it runs nothing, so a job we think it holds was lost with the process
-                # (a restarted container keeps its pod id): run it again.
-                for job in self.jobs.values():
-                    if job.status == "IN_PROGRESS" and job.worker_id == worker_id:
-                        self._requeue(job, "its worker asked for new work without finishing it")
-            while True:
-                self._sweep()
-                if self.queue or self.closing or worker.gone or self.clock() >= deadline:
-                    break
-                self.cond.wait(min(deadline - self.clock(), 1.0))
-            taken: list[dict] = []
-            # A worker declared gone while its poll was held gets nothing: its process is probably dead.
-            while self.queue and len(taken) < batch and not self.closing and not worker.gone:
-                job = self.jobs[self.queue.popleft()]
-                now = self.clock()
-                job.status, job.worker_id, job.started, job.finished = "IN_PROGRESS", worker.id, now, None
-                job.first_started = job.first_started or now
-                job.output = job.error = None
-                taken.append({"id": job.id, "input": job.input})
-                log.info("job %s taken by worker %s", job.id, worker.id)
-            self._still_there(worker)
-            return taken
-
-    def handback(self, worker_id: str, job_ids: list[str]) -> None:
-        """A take response never reached the worker (it hung up): those jobs go back to the queue."""
-        with self.cond:
-            for job_id in job_ids:
-                job = self.jobs.get(job_id)
-                if job and job.status == "IN_PROGRESS" and job.worker_id == worker_id:
-                    self._requeue(job, "the job-take response could not be delivered")
-
-    def post(self, worker_id: str, job_id: str, body: Any, *, stream: bool = False) -> dict:
-        """A job-done or job-stream POST: a progress update, a stream chunk, or the final result."""
-        with self.cond:
-            self._seen(worker_id)
-            job = self.jobs.get(job_id)
-            if job is None:
-                return {"ignored": "unknown job"}
-            if job.status != "IN_PROGRESS" or job.worker_id != worker_id:
-                # The real service drops these too: a final status is final, and a requeued job belongs
-                # to its new worker.
-                job.ignored_posts += 1
-                why = f"job is {job.status}" if job.status != "IN_PROGRESS" else "worker no longer holds it"
-                log.info("job %s: ignored a post from worker %s (%s)", job_id, worker_id, why)
-                return {"ignored": why}
-            body = body if isinstance(body, dict) else {"output": body}
-            if stream:
-                job.stream.append(body.get("output"))
-            elif body.get("status") == "IN_PROGRESS":
-                job.output = body.get("output")
-                job.progress_updates += 1
-            elif body.get("error") is not None:
-                job.output = body.get("output")
-                job.error = body["error"]
-                self._finish(job, "FAILED")
-            else:
-                job.output = body.get("output")
-                self._finish(job, "COMPLETED")
-            self.cond.notify_all()
-            return {"status": job.status}
-
-    def stop_signals(self, worker_id: str, wait_s: float) -> list[str]:
-        deadline = self.clock() + wait_s
-        with self.cond:
-            worker = self._seen(worker_id)
-            while not worker.stop and not self.closing and not worker.gone and self.clock() < deadline:
-                self._sweep()
-                self.cond.wait(min(deadline - self.clock(), 1.0))
-            ids, worker.stop = worker.stop, []
-            self._still_there(worker)
-            return ids
-
-    def ping(self, worker_id: str, params: dict[str, str]) -> None:
-        with self.cond:
-            worker = self._seen(worker_id)
-            if params.get("status") == "unhealthy":  # a failed fitness check, reported before exiting
-                worker.unhealthy = f"{params.get('check')}: {params.get('reason')}"
-                log.warning("worker %s reported unhealthy: %s", worker_id, worker.unhealthy)
-
-    def worker_gone(self, worker_id: str) -> None:
-        """The supervisor saw the process exit: requeue its job now instead of after the timeout."""
-        with self.cond:
-            worker = self.workers.get(worker_id)
-            if worker is not None:
-                worker.gone = True
-            for job in self.jobs.values():
-                if job.status == "IN_PROGRESS" and job.worker_id == worker_id:
-                    self._requeue(job, "its worker process exited")
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        with self.cond:
-            self.closing = True
-            self.cond.notify_all()
-
-    # ------------------------------------------------------------------ internals (lock held)
-
-    def _seen(self, worker_id: str) -> WorkerRecord:
-        worker = self.workers.get(worker_id)
-        if worker is None:
-            worker = self.workers[worker_id] = WorkerRecord(worker_id, self.clock())
-            log.info("worker %s connected", worker_id)
-        worker.last_seen, worker.gone = self.clock(), False
-        return worker
-
-    def _still_there(self, worker: WorkerRecord) -> None:
-        # The end of a held poll: the worker was there when it began. A request that outlives its
-        # (killed) client must not bring a worker declared gone back to life; its next request will.
-        if not worker.gone:
-            worker.last_seen = self.clock()
-
-    def _sweep(self) -> None:
-        now = self.clock()
-        for worker in self.workers.values():
-            if not worker.gone and now - worker.last_seen > self.requeue_after_s:
-                worker.gone = True
-                log.warning("worker %s silent for %.0f s: gone", worker.id, now - worker.last_seen)
-        for job in self.jobs.values():
-            if job.status != "IN_PROGRESS":
-                continue
-            worker = self.workers.get(job.worker_id or "")
-            if worker is None or worker.gone:
-                self._requeue(job, f"worker {job.worker_id} stopped answering")
-            elif job.execution_timeout_s and now - (job.started or now) > job.execution_timeout_s:
-                worker.stop.append(job.id)
-                self._finish(job, "TIMED_OUT")
-
-    def _requeue(self, job: JobRecord, why: str) -> None:
-        log.warning("job %s back to the queue: %s", job.id, why)
-        job.status, job.worker_id, job.started, job.output = "IN_QUEUE", None, None, None
-        job.retries += 1
-        self.queue.appendleft(job.id)  # it was first in line once; it goes first again
-        self.cond.notify_all()
-
-    def _finish(self, job: JobRecord, status: str) -> None:
-        job.status, job.finished = status, self.clock()
-        log.info("job %s %s", job.id, status)
-        self.cond.notify_all()  # /runsync waiters, and a job-stop poll when a stop signal was queued
-        view = job.view(job.finished)
-        for callback in self.on_final:
-            callback(job, view)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -490,123 +193,18 @@ class LocalEndpoint:
 
 
 def _post_webhook(url: str, body: dict) -> None:
-    import requests
-
+    """POST the final status, retried after 2 s and 10 s; the URL is logged without its query."""
     for delay_s in (0, 2, 10):
         time.sleep(delay_s)
         try:
             if requests.post(url, json=body, timeout=10).ok:
                 return
         except requests.RequestException as err:
-            log.warning("webhook %s: %s", url.split("?")[0], type(err).__name__)
-    log.warning("webhook %s: gave up after 3 tries", url.split("?")[0])
+            log.warning("webhook %s: %s", redact_url(url), type(err).__name__)
+    log.warning("webhook %s: gave up after 3 tries", redact_url(url))
 
 
-def worker_env(
-    base_url: str, endpoint_id: str, worker_id: str, volume_dir: str | Path | None = None
-) -> dict[str, str]:
-    """The environment RunPod gives a worker, pointed at a local endpoint (merge onto os.environ).
-
-    `$ID` and `$RUNPOD_POD_ID` are left for the SDK to fill in, as on RunPod; the `?gpu=` query is
-    there because the SDK appends its own parameters with `&`.
-    """
-    env = {
-        "RUNPOD_WEBHOOK_GET_JOB": f"{base_url}/job-take/$ID?gpu=local",
-        "RUNPOD_WEBHOOK_POST_OUTPUT": f"{base_url}/job-done/$RUNPOD_POD_ID/$ID?gpu=local",
-        "RUNPOD_WEBHOOK_POST_STREAM": f"{base_url}/job-stream/$RUNPOD_POD_ID/$ID?gpu=local",
-        "RUNPOD_WEBHOOK_PING": f"{base_url}/ping/$RUNPOD_POD_ID?gpu=local",
-        "RUNPOD_PING_INTERVAL": str(WORKER_PING_INTERVAL_MS),
-        "RUNPOD_AI_API_KEY": "local-endpoint-dummy-key",  # the SDK only pings when some key is set
-        "RUNPOD_POD_ID": worker_id,
-        "RUNPOD_ENDPOINT_ID": endpoint_id,
-        # The SDK's start-up system checks include a TCP connect to 8.8.8.8:53, which fails offline
-        # and says nothing about a laptop; the GPU checks still run where there is a GPU.
-        "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
-        "PYTHONUNBUFFERED": "1",
-    }
-    if volume_dir is not None:
-        env["VOLUME_DIR"] = str(Path(volume_dir).absolute())
-    return env
-
-
-def default_handler_path() -> Path:
-    """handler.py at the repository root (src/lora_worker/ -> repo), else in the current directory."""
-    repo_handler = Path(__file__).resolve().parents[2] / "handler.py"
-    return repo_handler if repo_handler.is_file() else Path("handler.py").absolute()
-
-
-class WorkerSupervisor:
-    """Runs `python handler.py` in production mode against the endpoint; restarts it if it dies."""
-
-    # Give up after this many exits within FAST_EXIT_S of starting: it is broken, not unlucky.
-    MAX_FAST_EXITS = 3
-    FAST_EXIT_S = 20.0
-
-    def __init__(self, endpoint: LocalEndpoint, *, handler: Path, cwd: Path, volume_dir: Path):
-        self.endpoint, self.handler, self.cwd, self.volume_dir = endpoint, handler, cwd, volume_dir
-        self.proc: subprocess.Popen | None = None
-        self.worker_id = ""
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="worker-supervisor", daemon=True)
-
-    def start(self) -> WorkerSupervisor:
-        self._thread.start()
-        return self
-
-    def _spawn(self) -> subprocess.Popen:
-        # A fresh pod id per process: the endpoint can tell the new worker from the dead one.
-        self.worker_id = f"local-worker-{uuid.uuid4().hex[:8]}"
-        env = {**os.environ, **self.endpoint.worker_env(self.worker_id, self.volume_dir)}
-        env.setdefault("RUNPOD_LOG_LEVEL", "INFO")  # the SDK defaults to DEBUG: a line per second when idle
-        log.info("starting worker %s: %s %s (cwd %s)", self.worker_id, sys.executable, self.handler, self.cwd)
-        # Own session: Ctrl-C on the endpoint's terminal does not reach it; stop() ends its whole group.
-        return subprocess.Popen(
-            [sys.executable, "-u", str(self.handler)], cwd=self.cwd, env=env, start_new_session=True
-        )
-
-    def _run(self) -> None:
-        fast_exits = 0
-        while not self._stopping.is_set():
-            started = time.monotonic()
-            self.proc = self._spawn()
-            code = self.proc.wait()
-            _kill_group(self.proc)  # its ping process outlives it otherwise, and would keep it "alive"
-            if self._stopping.is_set():
-                return
-            self.endpoint.state.worker_gone(self.worker_id)
-            fast_exits = fast_exits + 1 if time.monotonic() - started < self.FAST_EXIT_S else 0
-            if fast_exits >= self.MAX_FAST_EXITS:
-                log.error(
-                    "worker exited %d times right after starting (last code %s); not restarting",
-                    fast_exits,
-                    code,
-                )
-                return
-            log.warning("worker %s exited with code %s; restarting in 2 s", self.worker_id, code)
-            self._stopping.wait(2.0)
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after grace_s: the SDK drains a running job on SIGTERM, which for a
-        training job could take hours, and a checkpointed job resumes when it runs again."""
-        self._stopping.set()
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace_s)
-        _kill_group(proc)
-        proc.wait()
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL whatever is left of the worker's process group, as stopping a container does."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lora_worker local-endpoint",
         description="Serve RunPod's queue endpoint (public API and worker protocol) on loopback.",
@@ -626,7 +224,20 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds without any request from a worker before its job goes back to the queue",
     )
     p.add_argument("--take-wait-s", type=float, default=2.0, help="job-take long-poll hold, seconds")
-    a = p.parse_args(argv)
+    return p
+
+
+def _wait_for_stop_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(1.0):  # a timed wait, so the signal handler runs promptly
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: this endpoint has no authentication", a.host)
@@ -659,11 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    while not done.wait(1.0):  # a timed wait, so the signal handler runs promptly
-        pass
+    _wait_for_stop_signal()
     log.info("shutting down")
     if supervisor is not None:
         supervisor.stop()
