@@ -299,13 +299,10 @@ def test_list_shows_the_trained_job_with_its_lineage(trained):
     assert entry["dataset"]["name"] == result["dataset"]["name"] and entry["dataset"]["conversations"] == 6
     assert entry["metrics"]["eval_loss_after"] == result["metrics"]["eval_loss_after"]
     assert entry["archive_sha256"] == result["adapter"]["sha256"]
-    assert entry["base_model"]  # the Hub id once job.py names it (see the xfail test below)
+    assert entry["base_model"] == HUB_ID
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=True, reason="job.py must pass base= to save_adapter and lineage= to package_outputs"
-)
 def test_the_trained_adapter_names_its_hub_base_and_lists_its_lineage(trained):
     settings, result = trained
     config = json.loads((Path(result["lora_artifact_path"]) / "adapter_config.json").read_text())

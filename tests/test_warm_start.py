@@ -141,9 +141,6 @@ def test_training_starts_from_the_previous_weights_and_its_loss_stays_measurable
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=True, reason="job.py must check init_adapter at plan time and compare with it (report)"
-)
 def test_a_warm_started_job_names_and_compares_with_its_previous_adapter(tmp_path, tiny_model, small_dataset):
     from lora_worker.runtime.job import run_job
     from lora_worker.runtime.settings import Settings
@@ -157,7 +154,7 @@ def test_a_warm_started_job_names_and_compares_with_its_previous_adapter(tmp_pat
         ),
         settings=settings,
     )
-    assert refused["status"] == "failed" and refused["stage"] == "preprocessing"
+    assert refused["status"] == "failed" and refused["stage"] == "resolving_model"  # before any weight
     assert (
         "init_adapter: 'first' cannot start this job: its rank r is 16, this job's hyperparameters.lora_r is 8"
         in (refused["error"])
@@ -172,5 +169,10 @@ def test_a_warm_started_job_names_and_compares_with_its_previous_adapter(tmp_pat
     assert second["metrics"]["eval_loss_before"] == pytest.approx(
         first["metrics"]["eval_loss_before"], rel=1e-6
     )
+    # ... and the adapter it started from, on the same held-out set, is the first job's final adapter
+    assert second["metrics"]["eval_loss_previous"] == pytest.approx(
+        first["metrics"]["eval_loss_after"], abs=1e-4
+    )
+    assert second["versus_previous"]["verdict"] in ("improved", "unchanged", "worse")
     card = (Path(second["lora_artifact_path"]) / "README.md").read_text()
     assert "| Started from | first |" in card and "Against the previous adapter it started from: **" in card

@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune": ("lora_worker.tools.prune", "report and free what old jobs hold on the volume"),
     "schemas": ("lora_worker.tools.schemas", "write the JSON Schemas of input, events, result and report"),
     "human-eval": ("lora_worker.tools.human_eval", "score a job's blinded human A/B sheet"),
+    "chat": ("lora_worker.tools.client", "talk to a trained adapter: its replies beside the base model's"),
+    "list": ("lora_worker.tools.client", "list the trained adapters on the endpoint's volume"),
     "status": ("lora_worker.tools.client", "show a job's status"),
     "cancel": ("lora_worker.tools.client", "cancel a job"),
 }
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         raise
-    # client.py serves three commands; it gets the command name as its first argument.
+    # client.py serves five commands; it gets the command name as its first argument.
     if module.__name__ == "lora_worker.tools.client":
         return int(module.main([command, *rest]) or 0)
     return int(module.main(rest) or 0)

@@ -53,6 +53,9 @@ class Metrics(_Model):
     tokens_per_second: float | None = Field(None, description="Training throughput of the last attempt.")
     peak_gpu_memory_gib: float | None = None
     padding_fraction: float | None = Field(None, description="Share of trained positions that are padding.")
+    eval_loss_previous: float | None = Field(
+        None, description="Held-out loss with the adapter a warm-started job began from (init_adapter)."
+    )
 
 
 class Outcome(_Model):
@@ -102,8 +105,12 @@ class JobResult(_Model):
     dataset: dict[str, Any] | None = Field(None, description="The dataset summary (see the report schema).")
     plan: dict[str, Any] | None = Field(None, description="Steps, tokens, estimated time and cost.")
     lineage: dict[str, Any] | None = None
+    versus_previous: Outcome | None = Field(
+        None, description="The new adapter against the one it started from (warm start), same held-out set."
+    )
     evidence: dict[str, Any] | None = Field(
-        None, description="The evidence's figures (judge win rates, forgetting, end of turn); texts in the report."
+        None,
+        description="The evidence's figures (judge win rates, forgetting, end of turn); texts in the report.",
     )
     timings_s: dict[str, float] = Field(default_factory=dict)
     gpu: str = "cpu"
@@ -142,6 +149,9 @@ class Report(_Model):
     history: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
     samples: list[dict[str, Any]] = Field(default_factory=list)
     lineage: dict[str, Any] | None = None
+    versus_previous: Outcome | None = Field(
+        None, description="The new adapter against the one it started from (warm start), same held-out set."
+    )
     timings_s: dict[str, float] = Field(default_factory=dict)
     gpu: str = "cpu"
     gpu_seconds: float = 0.0

@@ -30,22 +30,23 @@ from lora_worker.runtime.data import (
     PreprocessingCancelled,
     fetch_dataset,
     load_dataset,
-    pick_samples,
     prepare_dataset,
 )
-from lora_worker.runtime.delivery.adapter import save_adapter
+from lora_worker.runtime.delivery.adapter import base_identity, save_adapter
 from lora_worker.runtime.delivery.deliver import deliver, merge_if_asked
+from lora_worker.runtime.delivery.lineage import build_lineage
 from lora_worker.runtime.delivery.package import package_outputs
 from lora_worker.runtime.device import Device, detect_device, free_accelerator_memory, require_cuda
-from lora_worker.runtime.evaluation.generation import generate
+from lora_worker.runtime.evaluation.assess import assess
+from lora_worker.runtime.evaluation.evidence import JudgeSettings
 from lora_worker.runtime.evaluation.loss import HeldOutLoss, held_out_loss
-from lora_worker.runtime.evaluation.verdict import decide
+from lora_worker.runtime.evaluation.scenarios import load_scenarios
 from lora_worker.runtime.events.progress import CostMeter, Reporter
 from lora_worker.runtime.events.runpod_status import RunPodChannel
 from lora_worker.runtime.events.webhooks import WebhookSender
 from lora_worker.runtime.jobdir import AttemptLog, JobPaths, JobRefused
 from lora_worker.runtime.model.load import load_tokenizer
-from lora_worker.runtime.model.prepare import LoadedModel, load_checked
+from lora_worker.runtime.model.prepare import LoadedModel, check_warm_start, load_checked
 from lora_worker.runtime.model.resolve import resolve_model_meta, resolve_model_weights
 from lora_worker.runtime.outcomes import JobCancelled
 from lora_worker.runtime.plan import eval_token_budget, plan_job, train_config
@@ -157,9 +158,8 @@ def train_job(
             volume_dir=settings.volume_dir, should_stop=stop,
         )  # fmt: skip
     resume = find_resumable(paths.checkpoints)
-    stored = jobdir.check_resubmission(
-        paths, jobdir.fingerprint(spec, dataset.sha256), has_checkpoint=resume.checkpoint is not None
-    )
+    fingerprint = jobdir.fingerprint(spec, dataset.sha256)
+    stored = jobdir.check_resubmission(paths, fingerprint, has_checkpoint=resume.checkpoint is not None)
     if stored is not None:
         return outcomes.replay(stored)
     attempt.resumed_from_step = resume.step
@@ -171,6 +171,10 @@ def train_job(
             min_quality_score=spec.data.min_quality_score, should_stop=stop,
             on_progress=counting(reporter, "reading conversations"),
         )  # fmt: skip
+        scenarios = load_scenarios(
+            path=ev.scenarios_path, url=ev.scenarios_url, dest_dir=paths.root / "scenarios",
+            volume_dir=settings.volume_dir, should_stop=stop,
+        )  # fmt: skip
     reporter.stage("resolving_model")
     with watch("model_config"):
         meta = resolve_model_meta(
@@ -178,6 +182,7 @@ def train_job(
             hf_token=settings.hf_token, hf_endpoint=settings.hf_endpoint,
         )  # fmt: skip
         tokenizer = load_tokenizer(meta.path)
+        previous = check_warm_start(spec, settings.volume_dir, meta, warnings)
     reporter.stage("preprocessing")
     with watch("tokenize"):
         data = prepare_dataset(
@@ -185,8 +190,10 @@ def train_job(
             max_eval=ev.max_eval_conversations, seed=hp.seed, tokenizer_name=spec.base_model,
             should_stop=stop, on_progress=counting(reporter, "tokenizing conversations"),
         )  # fmt: skip
+    judge = JudgeSettings(settings.judge_base_url, settings.judge_api_key, settings.judge_model)
     cfg = train_config(spec, paths.checkpoints, paths.tensorboard, report_to(settings, warnings))
-    plan = plan_job(data, meta, spec, cfg, device, settings)
+    plan = plan_job(data, meta, spec, cfg, device, settings, scenarios=scenarios, judge_settings=judge)
+    lineage = build_lineage(spec, dataset, data.summary, meta, previous)
     warnings += [*data.summary.warnings, *plan.warnings, *resume.warnings]
     reporter.stage(
         "preprocessing", total_steps=plan.total_steps, dataset=data.summary.as_dict(),
@@ -203,50 +210,35 @@ def train_job(
         )  # fmt: skip
     outcomes.stop_if_cancelled(cancel)
     reporter.stage("model_loading")
-    pad_id = tokenizer.pad_token_id
-
-    def measure(model) -> HeldOutLoss | None:
-        return held_out_loss(
-            model, data.eval, pad_id, token_budget=eval_token_budget(spec), max_rows=hp.batch_size
-        )
-
-    def baseline(loaded: LoadedModel) -> HeldOutLoss | None:
-        """The base model's held-out loss: a fresh adapter is the identity."""
-        reporter.stage("model_loaded", model=loaded.info(device.name))
-        reporter.stage("baseline_eval")
-        with watch("eval_before"):
-            return measure(loaded.model)
-
-    loaded_model, before = load_checked(weights, tokenizer, spec, settings.volume_dir, baseline)
-    watch.timings.update({f"model_{k}": v for k, v in loaded_model.timings.items()})
+    measure = held_out_measure(data, spec, tokenizer.pad_token_id)
+    loaded_model, before = load_checked(
+        weights, tokenizer, spec, settings.volume_dir, baseline(reporter, device, watch, measure)
+    )
     model = loaded_model.model
+    watch.timings.update({f"model_{k}": v for k, v in loaded_model.timings.items()})
     warnings += loaded_model.warnings
-    reporter.baseline(_mean(before))
+    reporter.baseline(before.mean if before else None)
     outcomes.stop_if_cancelled(cancel)
     reporter.stage("training", resumed_from_step=resume.step)
     with watch("train"):
         outcome = run_training(
-            model, data, pad_id, cfg, spec, reporter=reporter, cancel=cancel, resume=resume,
-            evaluate=lambda: _mean(measure(model)), eval_every_steps=spec.training.eval_steps
-            or plan.steps_per_epoch, elapsed=attempt.seconds, hourly_usd=attempt.hourly,
-            prior_cost_usd=attempt.total_cost() - attempt.cost(),
+            model, data, tokenizer.pad_token_id, cfg, spec, reporter=reporter, cancel=cancel, resume=resume,
+            evaluate=lambda: mean_of(measure(model)), eval_every_steps=ev_steps(spec, plan),
+            elapsed=attempt.seconds, hourly_usd=attempt.hourly, prior_cost_usd=attempt.total_cost() - attempt.cost(),
         )  # fmt: skip
     warnings += outcome.warnings
     outcomes.check_training(outcome, paths)
     reporter.stage("evaluating")
     with watch("evaluate"):
-        after = measure(model)
-        samples = before_after_samples(model, tokenizer, data, spec, warnings)
-    verdict = decide(
-        _mean(before), _mean(after),
-        per_conversation_before=before.per_conversation if before else None,
-        per_conversation_after=after.per_conversation if after else None, seed=hp.seed,
-    )  # fmt: skip
-    if verdict.verdict == "not_measured":
-        warnings.append(f"no verdict: {verdict.reason}")
+        assessment = assess(
+            model, tokenizer, data, spec, before, measure=measure, previous_adapter=loaded_model.init_adapter,
+            judge_settings=judge, scenarios=scenarios, device=device, warnings=warnings, should_stop=stop,
+        )  # fmt: skip
+    outcomes.stop_if_cancelled(cancel)
     reporter.stage("saving")
     with watch("save"):
-        adapter = save_adapter(model, tokenizer, paths.adapter)
+        base = base_identity(weights.model_id, weights.revision, weights.path)
+        adapter = save_adapter(model, tokenizer, paths.adapter, base=base, dtype=spec.output.adapter_dtype)
     if spec.output.merge:
         reporter.stage("merging")
     with watch("merge"):
@@ -254,9 +246,8 @@ def train_job(
     reporter.stage("reporting")
     with watch("report"):
         report, files, archive = package_outputs(
-            spec, paths, data, plan, outcome, verdict, (before, after), samples, adapter,
-            attempt, device, warnings, watch.timings,
-        )  # fmt: skip
+            spec, paths, data, outcome, assessment, adapter, lineage, attempt, device, warnings, watch.timings
+        )
     if spec.output.upload_url or spec.output.hf_repo:
         reporter.stage("uploading")
     with watch("upload"):
@@ -271,34 +262,34 @@ def train_job(
     return outcomes.completed(spec, report, files, archive, outcome, merged, uploads, warnings, watch.timings)
 
 
-def _mean(loss: HeldOutLoss | None) -> float | None:
+def held_out_measure(data: PreparedData, spec: JobSpec, pad_id: int) -> Callable[[Any], HeldOutLoss | None]:
+    """The one way held-out loss is measured: before, during and after training."""
+    budget, rows = eval_token_budget(spec), spec.hyperparameters.batch_size
+    return lambda model: held_out_loss(model, data.eval, pad_id, token_budget=budget, max_rows=rows)
+
+
+def baseline(
+    reporter: Reporter, device: Device, watch: Stopwatch, measure
+) -> Callable[[LoadedModel], HeldOutLoss | None]:
+    """The base model's held-out loss, measured once the model is loaded: a fresh adapter is the
+    identity; a warm start's adapter is disabled, so "before" is always the base itself."""
+
+    def first_eval(loaded: LoadedModel) -> HeldOutLoss | None:
+        reporter.stage("model_loaded", model=loaded.info(device.name))
+        reporter.stage("baseline_eval")
+        with watch("eval_before"), loaded.model.disable_adapter():
+            return measure(loaded.model)
+
+    return first_eval
+
+
+def mean_of(loss: HeldOutLoss | None) -> float | None:
     return loss.mean if loss else None
 
 
-def before_after_samples(
-    model, tokenizer, data: PreparedData, spec: JobSpec, warnings: list[str]
-) -> list[dict]:
-    """Greedy replies of the base (adapter disabled) and the adapted model to held-out prompts,
-    spread across the dataset's emotional arcs."""
-    ev = spec.evaluation
-    picked = pick_samples(data.eval_conversations, ev.num_samples, spec.hyperparameters.seed)
-    if not picked:
-        return []
-    prompts = [s.chat() for s in picked]
-    adapted = generate(model, tokenizer, prompts, max_new_tokens=ev.max_new_tokens, warnings=warnings)
-    with model.disable_adapter():
-        base = generate(model, tokenizer, prompts, max_new_tokens=ev.max_new_tokens, warnings=warnings)
-    return [
-        {
-            "conversation_id": s.conversation_id,
-            "arc": s.scaffolding.emotional_arc if s.scaffolding else None,
-            "prompt": s.prompt[-1].content,
-            "reference": s.reference,
-            "base": b,
-            "adapted": a,
-        }
-        for s, b, a in zip(picked, base, adapted, strict=True)
-    ]
+def ev_steps(spec: JobSpec, plan) -> int:
+    """Held-out loss during training every this many steps: the job's choice, else once per epoch."""
+    return spec.training.eval_steps or max(1, plan.steps_per_epoch)
 
 
 def open_reporter(

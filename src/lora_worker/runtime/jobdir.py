@@ -105,6 +105,7 @@ def fingerprint(spec: JobSpec, dataset_sha256: str) -> dict[str, Any]:
     return {
         "base_model": spec.base_model,
         "base_model_revision": spec.base_model_revision,
+        "init_adapter": spec.init_adapter,
         "dataset_sha256": dataset_sha256,
         "dataset_format": spec.dataset_format,
         "data": spec.data.model_dump(),

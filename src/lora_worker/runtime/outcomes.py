@@ -14,17 +14,20 @@ from typing import Any
 
 from lora_worker.runtime.contracts import AdapterFiles, JobResult, Report, ReportFiles
 from lora_worker.runtime.data import DatasetError, PreparedData
+from lora_worker.runtime.delivery.serving import NotServable
 from lora_worker.runtime.device import Device, NoGpuError
 from lora_worker.runtime.events.progress import CostMeter, Reporter
 from lora_worker.runtime.events.webhooks import WebhookSender, secret_key
 from lora_worker.runtime.files import DiskSpaceError, atomic_write_json
 from lora_worker.runtime.jobdir import AttemptLog, JobPaths, claim, stored_result
 from lora_worker.runtime.model.layout import ModelResolutionError
+from lora_worker.runtime.model.prepare import WarmStartRefused
 from lora_worker.runtime.model.resolve import ModelMeta
 from lora_worker.runtime.net import UrlNotAllowed, check_url
 from lora_worker.runtime.plan import Plan
 from lora_worker.runtime.settings import Settings
 from lora_worker.runtime.spec import JobInputError, JobSpec
+from lora_worker.runtime.tasks.adapter_source import AdapterSourceError
 from lora_worker.runtime.training.checkpoints import complete_checkpoints, step_of
 from lora_worker.runtime.training.trainer import TrainOutcome
 from lora_worker.runtime.volume_lock import LockTimeoutError
@@ -49,6 +52,9 @@ _READABLE = (
     DiskSpaceError,
     NoGpuError,
     LockTimeoutError,
+    WarmStartRefused,
+    AdapterSourceError,
+    NotServable,
 )
 
 
@@ -135,6 +141,8 @@ def completed(
         metrics=report.metrics,
         dataset=report.dataset,
         lineage=report.lineage,
+        versus_previous=report.versus_previous,
+        evidence=report.evidence.brief() if report.evidence else None,
         timings_s=timings,
         resumed_from_step=outcome.resumed_from_step,
         recoveries=[_recovery(r) for r in outcome.recoveries],

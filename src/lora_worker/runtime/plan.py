@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lora_worker.runtime.data import PreparedData, check_data_loss
 from lora_worker.runtime.device import Device
+from lora_worker.runtime.evaluation.evidence import JudgeSettings, estimate_judge
+from lora_worker.runtime.evaluation.scenarios import Scenario
 from lora_worker.runtime.gpu_rates import estimate as rate_estimate
 from lora_worker.runtime.model.memory import check_fits, estimate_memory
 from lora_worker.runtime.model.resolve import ModelMeta
@@ -30,7 +33,6 @@ DOWNLOAD_BYTES_PER_S = 100e6  # Hub to a RunPod network volume; 100 MB/s
 VOLUME_READ_BYTES_PER_S = 1e9  # reading safetensors off the network volume at load; 1 GB/s
 COLD_START_S = 60.0  # image pull with FlashBoot off, CUDA init, imports
 EVAL_SPEEDUP = 3.0  # a forward-only held-out pass vs a training step (forward + recompute + backward)
-DECODE_TOKENS_PER_S = 8.0  # greedy generation of a 70B NF4 model, one sequence at a time
 # The GPU types an endpoint may run on, for the table a dry run shows on any machine.
 PLANNED_GPUS = ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", "NVIDIA H200")
 MEMORY_MARGIN_GIB = 2.0  # kept free below the card's free memory: CUDA context, fragmentation
@@ -66,6 +68,7 @@ class Plan(BaseModel):
     memory: dict[str, Any] | None = Field(None, description="Estimated peak GPU memory in GiB, by part.")
     estimate: TimeEstimate | None = Field(None, description="For this worker's GPU.")
     estimates: list[TimeEstimate] = Field(default_factory=list, description="Per GPU type.")
+    evidence: dict[str, Any] | None = Field(None, description="Scenarios and judge calls, and their time.")
     assumptions: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
 
@@ -107,9 +110,18 @@ def liger_will_run(spec: JobSpec, device: Device) -> bool:
 
 
 def plan_job(
-    data: PreparedData, meta: ModelMeta, spec: JobSpec, cfg: TrainConfig, device: Device, settings: Settings
+    data: PreparedData,
+    meta: ModelMeta,
+    spec: JobSpec,
+    cfg: TrainConfig,
+    device: Device,
+    settings: Settings,
+    *,
+    scenarios: Sequence[Scenario] | None = None,
+    judge_settings: JudgeSettings | None = None,
 ) -> Plan:
-    """Steps and estimates; raises DatasetError (lossy data) or GpuMemoryError (does not fit)."""
+    """Steps and estimates; raises DatasetError (lossy data), GpuMemoryError (does not fit) or
+    JobInputError (a judge that cannot run)."""
     hp = spec.hyperparameters
     check_data_loss(data.summary, spec.data.max_dropped_target_share, option="data.max_dropped_target_share")
     batches = plan_batches(data.train, cfg)
@@ -130,8 +142,14 @@ def plan_job(
     if device.is_cuda:
         check_fits(memory, free_bytes=device.free_bytes, margin_gib=MEMORY_MARGIN_GIB)
     tokens = data.summary.tokens_total * hp.num_epochs
-    estimates = [_time(gpu, tokens, data, meta, spec, settings) for gpu in PLANNED_GPUS]
-    here = _time(device.name, tokens, data, meta, spec, settings) if device.is_cuda else None
+    # the evidence stage as it would run on a GPU (scenarios, judge), for every card in the table
+    judge = estimate_judge(
+        spec, Device("cuda", "planned"), judge_settings or JudgeSettings(), scenarios=scenarios,
+        eval_conversations=data.eval_conversations,
+    )  # fmt: skip
+    evidence_s = (judge.generation_seconds or 0.0) + (judge.judge_seconds or 0.0)
+    estimates = [_time(gpu, tokens, data, meta, spec, settings, evidence_s) for gpu in PLANNED_GPUS]
+    here = _time(device.name, tokens, data, meta, spec, settings, evidence_s) if device.is_cuda else None
     warnings = [
         w
         for w in (
@@ -144,7 +162,7 @@ def plan_job(
         )
         if w
     ]
-    warnings += _limit_warnings(here, spec)
+    warnings += _limit_warnings(here, spec) + judge.warnings
     return Plan(
         micro_batches_per_epoch=len(batches),
         steps_per_epoch=per_epoch,
@@ -156,6 +174,7 @@ def plan_job(
         memory=memory.as_dict(),
         estimate=here,
         estimates=[e for e in estimates if e is not None],
+        evidence=judge.model_dump(),
         assumptions=ASSUMPTIONS,
         warnings=warnings,
     )
@@ -165,8 +184,8 @@ ASSUMPTIONS = [
     f"download from the Hub at {DOWNLOAD_BYTES_PER_S / 1e6:.0f} MB/s, volume reads at "
     f"{VOLUME_READ_BYTES_PER_S / 1e9:.0f} GB/s, {COLD_START_S:.0f} s cold start",
     "training rates per GPU type from runtime/gpu_rates.py (estimated unless marked measured)",
-    f"held-out evaluation {EVAL_SPEEDUP:.0f}x faster per token than training; generation at "
-    f"{DECODE_TOKENS_PER_S:.0f} tokens/s",
+    f"held-out evaluation {EVAL_SPEEDUP:.0f}x faster per token than training; scenario replies and the "
+    "judge as estimated in runtime/evaluation/evidence.py",
 ]
 
 
@@ -185,12 +204,18 @@ def _flops_per_token(config: dict) -> float:
 
 
 def _time(
-    gpu: str, tokens: int, data: PreparedData, meta: ModelMeta, spec: JobSpec, settings: Settings
+    gpu: str,
+    tokens: int,
+    data: PreparedData,
+    meta: ModelMeta,
+    spec: JobSpec,
+    settings: Settings,
+    evidence_s: float,
 ) -> TimeEstimate | None:
     rate = rate_estimate(gpu, _flops_per_token(meta.config))
     if rate is None:
         return None
-    ev, hp = spec.evaluation, spec.hyperparameters
+    hp = spec.hyperparameters
     weights_bytes = _weights_bytes(meta.config)
     evals_during = max(0, math.ceil(hp.num_epochs) - 1) if spec.training.eval_steps is None else 0
     eval_tokens = data.summary.eval_tokens * (2 + evals_during)
@@ -200,7 +225,7 @@ def _time(
         "load": weights_bytes / VOLUME_READ_BYTES_PER_S,
         "train": tokens / rate.tokens_per_s,
         "eval": eval_tokens / (rate.tokens_per_s * EVAL_SPEEDUP),
-        "samples": 2 * ev.num_samples * ev.max_new_tokens / DECODE_TOKENS_PER_S,
+        "evidence": evidence_s,
     }
     seconds = {k: round(v, 1) for k, v in seconds.items()}
     seconds["total"] = round(sum(seconds.values()), 1)

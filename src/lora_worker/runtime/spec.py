@@ -48,7 +48,8 @@ class Hyperparameters(_Strict):
     learning_rate: float = Field(
         2e-4, gt=0, le=1.0, description="Peak learning rate (cosine schedule after warmup)."
     )
-    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    # At most 512: the largest --max-lora-rank vLLM serves (docs/serving.md).
+    lora_r: int = Field(16, ge=1, le=512, description="LoRA rank (vLLM serves ranks up to 512).")
     lora_alpha: int = Field(32, ge=1, le=4096, description="LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path, in [0, 1).")
     warmup_ratio: float = Field(
@@ -186,6 +187,9 @@ class OutputOptions(_Strict):
     )
     merge: bool = Field(
         False, description="Also write the adapter merged into the base in bf16, if memory/disk allow."
+    )
+    adapter_dtype: Literal["bf16", "fp32"] = Field(
+        "bf16", description="dtype of the saved LoRA weights: bf16 (half the size, what vLLM serves) or fp32."
     )
     keep_checkpoints: bool | None = Field(
         None,

@@ -7,8 +7,8 @@ import json
 import logging
 from pathlib import Path
 
-from lora_worker.runtime.job import run_job
 from lora_worker.runtime.files import dumps_strict
+from lora_worker.runtime.job import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Run one job from a JSON file, in this process, without the RunPod queue.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("input", help="a JSON file holding {'input': {...}} (like test_input.json) or the input itself")
+    p.add_argument(
+        "input", help="a JSON file holding {'input': {...}} (like test_input.json) or the input itself"
+    )
     p.add_argument("--job-id", default="local-job", help="job id when the input names none")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

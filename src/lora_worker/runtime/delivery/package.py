@@ -21,78 +21,67 @@ from lora_worker.runtime.delivery.serving import (
     require_servable,
 )
 from lora_worker.runtime.device import Device, peak_memory_gib
+from lora_worker.runtime.evaluation import human_sheet
+from lora_worker.runtime.evaluation.assess import Assessment
 from lora_worker.runtime.evaluation.loss import HeldOutLoss, perplexity
 from lora_worker.runtime.files import read_json
 from lora_worker.runtime.jobdir import AttemptLog, JobPaths
-from lora_worker.runtime.plan import Plan
 from lora_worker.runtime.spec import JobSpec
 from lora_worker.runtime.training.callbacks import history_from_log
 from lora_worker.runtime.training.trainer import TrainOutcome
-
-Losses = tuple[HeldOutLoss | None, HeldOutLoss | None]
 
 
 def package_outputs(
     spec: JobSpec,
     paths: JobPaths,
     data: PreparedData,
-    plan: Plan,
     outcome: TrainOutcome,
-    verdict: Outcome,
-    losses: Losses,
-    samples: list[dict],
+    assessment: Assessment,
     adapter: Path,
+    lineage: Lineage,
     attempt: AttemptLog,
     device: Device,
     warnings: list[str],
     timings: dict[str, float],
-    *,
-    lineage: Lineage | None = None,
-    versus_previous: Outcome | None = None,
 ) -> tuple[Report, ReportFiles, AdapterFiles]:
     """Write the report, check the adapter against vLLM (NotServable when it would not load), write
     its model card, archive adapter + report, and write the report again naming the archive (the
-    copy on the volume names the archive; the archived copy cannot name itself)."""
-    report = build_report(
-        spec, data, plan, outcome, verdict, losses, samples, attempt, device, warnings, timings,
-        lineage=lineage,
-    )  # fmt: skip
-    write_report(paths.report, report.model_dump(mode="json"))
+    copy on the volume names the archive; the archived copy cannot name itself). The human A/B key
+    stays beside the report, out of the archive."""
+    report = build_report(spec, data, outcome, assessment, lineage, attempt, device, warnings, timings)
+    key = paths.root / human_sheet.KEY_NAME
+    write_report(paths.report, report.model_dump(mode="json"), human_key_path=key)
     serving = require_servable(adapter, lora_name=spec.job_id or "adapter")
-    write_adapter_card(adapter, report, serving, versus_previous)
+    write_adapter_card(adapter, report, serving, assessment.versus_previous)
     archive = archive_dir({"adapter": adapter, "report": paths.report}, paths.archive)
     files = AdapterFiles(
         path=str(adapter), archive=archive["path"], sha256=archive["sha256"], size_bytes=archive["size_bytes"]
     )
     report = report.model_copy(update={"adapter": files})
-    written = write_report(paths.report, report.model_dump(mode="json"))
+    written = write_report(paths.report, report.model_dump(mode="json"), human_key_path=key)
     return report, ReportFiles(**{k: str(v) for k, v in written.items()}), files
 
 
 def build_report(
     spec: JobSpec,
     data: PreparedData,
-    plan: Plan,
     outcome: TrainOutcome,
-    verdict: Outcome,
-    losses: Losses,
-    samples: list[dict],
+    assessment: Assessment,
+    lineage: Lineage,
     attempt: AttemptLog,
     device: Device,
     warnings: list[str],
     timings: dict[str, float],
-    *,
-    lineage: Lineage | None = None,
 ) -> Report:
-    before, after = losses
+    a = assessment
     eval_s = timings.get("eval_before", 0.0) + timings.get("evaluate", 0.0)
     return Report(
         job_id=spec.job_id,
         status="completed",
-        verdict=verdict.verdict,
-        headline=verdict.reason,
-        outcome=verdict,
-        base_model=lineage.base_model.model_id if lineage else spec.base_model,
+        verdict=a.verdict.verdict,
+        headline=a.verdict.reason,
+        outcome=a.verdict,
+        base_model=lineage.base_model.model_id,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         resumed=outcome.resumed_from_step is not None or bool(attempt.previous),
         attempts=attempt.all(),
@@ -106,10 +95,12 @@ def build_report(
             "device": device.kind,
             "gpu": device.name,
         },
-        metrics=metrics_from(outcome, losses, data, peak_memory_gib()),
-        history=_history(outcome, before, after),
-        samples=samples,
-        lineage=lineage.model_dump(mode="json") if lineage else None,
+        metrics=metrics_from(outcome, a, data, peak_memory_gib()),
+        history=_history(outcome, a.before, a.after),
+        samples=a.samples,
+        lineage=lineage.model_dump(mode="json"),
+        versus_previous=a.versus_previous,
+        evidence=a.evidence,
         timings_s=dict(timings),
         gpu=device.name,
         gpu_seconds=attempt.total_seconds(),
@@ -119,17 +110,16 @@ def build_report(
     )
 
 
-def metrics_from(
-    outcome: TrainOutcome, losses: Losses, data: PreparedData, peak_gib: float | None
-) -> Metrics:
-    b, a = (x.mean if x else None for x in losses)
+def metrics_from(outcome: TrainOutcome, a: Assessment, data: PreparedData, peak_gib: float | None) -> Metrics:
+    b, after, prev = (x.mean if x else None for x in (a.before, a.after, a.previous))
     tokens_this_run = int(outcome.epochs_this_run * data.summary.tokens_total)  # the rate: this attempt only
     return Metrics(
         train_loss=outcome.train_loss,
         eval_loss_before=b,
-        eval_loss_after=a,
+        eval_loss_after=after,
+        eval_loss_previous=prev,
         perplexity_before=perplexity(b),
-        perplexity_after=perplexity(a),
+        perplexity_after=perplexity(after),
         steps=outcome.global_step,
         total_steps=outcome.max_steps,
         epochs=round(outcome.epoch, 4),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lora_worker.runtime.delivery.lineage import PreviousAdapter
 from lora_worker.runtime.device import free_accelerator_memory
 from lora_worker.runtime.evaluation.loss import NonFiniteLoss
 from lora_worker.runtime.model import nf4_cache
@@ -28,7 +29,7 @@ from lora_worker.runtime.model.load import (
     load_inference_adapter,
     lora_config_mismatch,
 )
-from lora_worker.runtime.model.resolve import ResolvedModel
+from lora_worker.runtime.model.resolve import ModelMeta, ResolvedModel
 from lora_worker.runtime.spec import JobSpec
 from lora_worker.runtime.tasks.adapter_source import AdapterSource, AdapterSourceError, find_adapter
 
@@ -163,6 +164,21 @@ def warm_start_source(spec: JobSpec, volume_dir: Path) -> AdapterSource:
             + ["init_adapter: give the job the previous adapter's LoRA settings, or leave init_adapter out"]
         )
     return source
+
+
+def check_warm_start(
+    spec: JobSpec, volume_dir: Path, meta: ModelMeta, warnings: list[str]
+) -> PreviousAdapter | None:
+    """The adapter a warm start begins from, checked against the job's LoRA settings and base model
+    from config files alone (before any weight loads); None without `init_adapter`."""
+    if not spec.init_adapter:
+        return None
+    source = warm_start_source(spec, volume_dir)
+    problems, notes = warm_start_base_problems(source, meta.model_id, meta.revision)
+    if problems:
+        raise WarmStartRefused(problems)
+    warnings += notes
+    return source.as_previous()
 
 
 def warm_start_base_problems(
