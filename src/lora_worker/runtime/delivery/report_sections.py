@@ -31,6 +31,7 @@ from lora_worker.runtime.delivery.report_view import (
 METRIC_LABELS: dict[str, str] = {
     "eval_loss_before": "Held-out loss, base model",
     "eval_loss_after": "Held-out loss, with adapter",
+    "eval_loss_previous": "Held-out loss, adapter it started from (warm start)",
     "perplexity_before": "Held-out perplexity, base model",
     "perplexity_after": "Held-out perplexity, with adapter",
     "train_loss": "Training loss (last logged step)",
@@ -128,7 +129,9 @@ def summary(report: Mapping[str, Any]) -> Section:
 
 def results(report: Mapping[str, Any]) -> Section:
     metrics = section(report, "metrics")
-    keys = [k for k in METRIC_LABELS if k in metrics] + sorted(k for k in metrics if k not in METRIC_LABELS)
+    # a figure that does not apply to this job (None: no GPU, no warm start) is left out, not shown as a dash
+    keys = [k for k in METRIC_LABELS if metrics.get(k) is not None]
+    keys += sorted(k for k in metrics if k not in METRIC_LABELS and metrics[k] is not None)
     rows = []
     for k in keys:
         digits = 2 if k.startswith("perplexity") or k.endswith(("_gib", "_per_second", "epochs")) else 4
