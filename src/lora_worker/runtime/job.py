@@ -26,6 +26,7 @@ from typing import Any
 from lora_worker.runtime import jobdir, outcomes, redaction
 from lora_worker.runtime.contracts import JobResult
 from lora_worker.runtime.data import (
+    FetchedDataset,
     PreparedData,
     PreprocessingCancelled,
     fetch_dataset,
@@ -34,7 +35,7 @@ from lora_worker.runtime.data import (
 )
 from lora_worker.runtime.delivery.adapter import base_identity, save_adapter
 from lora_worker.runtime.delivery.deliver import deliver, merge_if_asked
-from lora_worker.runtime.delivery.lineage import build_lineage
+from lora_worker.runtime.delivery.lineage import Lineage, build_lineage
 from lora_worker.runtime.delivery.package import package_outputs
 from lora_worker.runtime.device import Device, detect_device, free_accelerator_memory, require_cuda
 from lora_worker.runtime.evaluation.assess import assess
@@ -47,13 +48,14 @@ from lora_worker.runtime.events.webhooks import WebhookSender
 from lora_worker.runtime.jobdir import AttemptLog, JobPaths, JobRefused
 from lora_worker.runtime.model.load import load_tokenizer
 from lora_worker.runtime.model.prepare import LoadedModel, check_warm_start, load_checked
-from lora_worker.runtime.model.resolve import resolve_model_meta, resolve_model_weights
+from lora_worker.runtime.model.resolve import ModelMeta, resolve_model_meta, resolve_model_weights
 from lora_worker.runtime.outcomes import JobCancelled
-from lora_worker.runtime.plan import eval_token_budget, plan_job, train_config
+from lora_worker.runtime.plan import Plan, eval_token_budget, plan_job, train_config
 from lora_worker.runtime.settings import Settings
 from lora_worker.runtime.spec import JobInputError, JobSpec, parse_job_input
-from lora_worker.runtime.training.checkpoints import find_resumable, prune_checkpoints
+from lora_worker.runtime.training.checkpoints import ResumePoint, find_resumable, prune_checkpoints
 from lora_worker.runtime.training.run import run_training
+from lora_worker.runtime.training.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,22 @@ def attempt_job(
         return outcomes.failed(spec, reporter.current_stage, err, warnings, watch.timings)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Everything decided before any weight file is touched."""
+
+    dataset: FetchedDataset
+    resume: ResumePoint
+    data: PreparedData
+    tokenizer: Any
+    meta: ModelMeta
+    scenarios: list | None
+    judge: JudgeSettings
+    cfg: TrainConfig
+    plan: Plan
+    lineage: Lineage
+
+
 def train_job(
     spec: JobSpec,
     paths: JobPaths,
@@ -149,13 +167,12 @@ def train_job(
     warnings: list[str],
 ) -> JobResult:
     """The job, top to bottom. Raises on failure; returns the completed (or replayed) result."""
-    hp, ev, stop = spec.hyperparameters, spec.evaluation, cancel.is_set
     if settings.require_cuda:
         require_cuda(device)
     with watch("dataset_fetch"):  # before any event: a refused resubmission must not touch the job
         dataset = fetch_dataset(
             url=spec.dataset_url, path=spec.dataset_path, dest_dir=paths.dataset,
-            volume_dir=settings.volume_dir, should_stop=stop,
+            volume_dir=settings.volume_dir, should_stop=cancel.is_set,
         )  # fmt: skip
     resume = find_resumable(paths.checkpoints)
     fingerprint = jobdir.fingerprint(spec, dataset.sha256)
@@ -163,6 +180,80 @@ def train_job(
     if stored is not None:
         return outcomes.replay(stored)
     attempt.resumed_from_step = resume.step
+    p = prepare(spec, paths, dataset, resume, device, reporter, settings, cancel, watch, warnings)
+    if spec.dry_run:
+        return outcomes.dry_run(spec, p.data, p.plan, p.meta, warnings, watch.timings)
+    outcomes.stop_if_cancelled(cancel)
+    reporter.stage("downloading_model")
+    with watch("model_download"):
+        weights = resolve_model_weights(
+            p.meta, volume_dir=settings.volume_dir, hf_token=settings.hf_token,
+            hf_endpoint=settings.hf_endpoint, on_progress=lambda d: reporter.progress(download=d),
+        )  # fmt: skip
+    outcomes.stop_if_cancelled(cancel)
+    reporter.stage("model_loading")
+    measure = held_out_measure(p.data, spec, p.tokenizer.pad_token_id)
+    first_eval = baseline(reporter, device, watch, measure)
+    loaded, before = load_checked(weights, p.tokenizer, spec, settings.volume_dir, first_eval)
+    model = loaded.model
+    watch.timings.update({f"model_{k}": v for k, v in loaded.timings.items()})
+    warnings += loaded.warnings
+    reporter.baseline(before.mean if before else None)
+    outcomes.stop_if_cancelled(cancel)
+    reporter.stage("training", resumed_from_step=resume.step)
+    with watch("train"):
+        outcome = run_training(
+            model, p.data, p.tokenizer.pad_token_id, p.cfg, spec, reporter=reporter, cancel=cancel,
+            resume=resume, evaluate=lambda: mean_of(measure(model)), eval_every_steps=ev_steps(spec, p.plan),
+            elapsed=attempt.seconds, hourly_usd=attempt.hourly, prior_cost_usd=attempt.total_cost() - attempt.cost(),
+        )  # fmt: skip
+    warnings += outcome.warnings
+    outcomes.check_training(outcome, paths)
+    reporter.stage("evaluating")
+    with watch("evaluate"):
+        assessment = assess(
+            model, p.tokenizer, p.data, spec, before, measure=measure, previous_adapter=loaded.init_adapter,
+            judge_settings=p.judge, scenarios=p.scenarios, device=device, warnings=warnings,
+            should_stop=cancel.is_set,
+        )  # fmt: skip
+    outcomes.stop_if_cancelled(cancel)
+    reporter.stage("saving")
+    with watch("save"):
+        base = base_identity(weights.model_id, weights.revision, weights.path)
+        adapter = save_adapter(model, p.tokenizer, paths.adapter, base=base, dtype=spec.output.adapter_dtype)
+    if spec.output.merge:
+        reporter.stage("merging")
+    with watch("merge"):
+        merged = merge_if_asked(spec, weights, paths, warnings)
+    reporter.stage("reporting")
+    with watch("report"):
+        report, files, archive = package_outputs(
+            spec, paths, p.data, outcome, assessment, adapter, p.lineage, attempt, device, warnings, watch.timings
+        )  # fmt: skip
+    if spec.output.upload_url or spec.output.hf_repo:
+        reporter.stage("uploading")
+    with watch("upload"):
+        uploads = deliver(spec, settings, archive, adapter, warnings)
+    if not keeps_checkpoints(spec, settings):  # adapter, report, result and archive stay
+        prune_checkpoints(paths.checkpoints)
+    return outcomes.completed(spec, report, files, archive, outcome, merged, uploads, warnings, watch.timings)
+
+
+def prepare(
+    spec: JobSpec,
+    paths: JobPaths,
+    dataset: FetchedDataset,
+    resume: ResumePoint,
+    device: Device,
+    reporter: Reporter,
+    settings: Settings,
+    cancel: threading.Event,
+    watch: Stopwatch,
+    warnings: list[str],
+) -> Prepared:
+    """Conversations, scenarios, the model's config and tokenizer, a warm start's adapter, the
+    tokenized data and the plan: everything decided before any weight file is touched."""
+    hp, ev, stop = spec.hyperparameters, spec.evaluation, cancel.is_set
     reporter.stage("queued")
     reporter.stage("fetching_dataset")
     with watch("dataset_load"):
@@ -199,67 +290,16 @@ def train_job(
         "preprocessing", total_steps=plan.total_steps, dataset=data.summary.as_dict(),
         plan=plan.model_dump(), warnings=warnings or None,
     )  # fmt: skip
-    if spec.dry_run:
-        return outcomes.dry_run(spec, data, plan, meta, warnings, watch.timings)
-    outcomes.stop_if_cancelled(cancel)
-    reporter.stage("downloading_model")
-    with watch("model_download"):
-        weights = resolve_model_weights(
-            meta, volume_dir=settings.volume_dir, hf_token=settings.hf_token,
-            hf_endpoint=settings.hf_endpoint, on_progress=lambda p: reporter.progress(download=p),
-        )  # fmt: skip
-    outcomes.stop_if_cancelled(cancel)
-    reporter.stage("model_loading")
-    measure = held_out_measure(data, spec, tokenizer.pad_token_id)
-    loaded_model, before = load_checked(
-        weights, tokenizer, spec, settings.volume_dir, baseline(reporter, device, watch, measure)
-    )
-    model = loaded_model.model
-    watch.timings.update({f"model_{k}": v for k, v in loaded_model.timings.items()})
-    warnings += loaded_model.warnings
-    reporter.baseline(before.mean if before else None)
-    outcomes.stop_if_cancelled(cancel)
-    reporter.stage("training", resumed_from_step=resume.step)
-    with watch("train"):
-        outcome = run_training(
-            model, data, tokenizer.pad_token_id, cfg, spec, reporter=reporter, cancel=cancel, resume=resume,
-            evaluate=lambda: mean_of(measure(model)), eval_every_steps=ev_steps(spec, plan),
-            elapsed=attempt.seconds, hourly_usd=attempt.hourly, prior_cost_usd=attempt.total_cost() - attempt.cost(),
-        )  # fmt: skip
-    warnings += outcome.warnings
-    outcomes.check_training(outcome, paths)
-    reporter.stage("evaluating")
-    with watch("evaluate"):
-        assessment = assess(
-            model, tokenizer, data, spec, before, measure=measure, previous_adapter=loaded_model.init_adapter,
-            judge_settings=judge, scenarios=scenarios, device=device, warnings=warnings, should_stop=stop,
-        )  # fmt: skip
-    outcomes.stop_if_cancelled(cancel)
-    reporter.stage("saving")
-    with watch("save"):
-        base = base_identity(weights.model_id, weights.revision, weights.path)
-        adapter = save_adapter(model, tokenizer, paths.adapter, base=base, dtype=spec.output.adapter_dtype)
-    if spec.output.merge:
-        reporter.stage("merging")
-    with watch("merge"):
-        merged = merge_if_asked(spec, weights, paths, warnings)
-    reporter.stage("reporting")
-    with watch("report"):
-        report, files, archive = package_outputs(
-            spec, paths, data, outcome, assessment, adapter, lineage, attempt, device, warnings, watch.timings
-        )
-    if spec.output.upload_url or spec.output.hf_repo:
-        reporter.stage("uploading")
-    with watch("upload"):
-        uploads = deliver(spec, settings, archive, adapter, warnings)
-    keep = (
+    return Prepared(dataset, resume, data, tokenizer, meta, scenarios, judge, cfg, plan, lineage)
+
+
+def keeps_checkpoints(spec: JobSpec, settings: Settings) -> bool:
+    """After a completed job, optimizer checkpoints stay only when the job or the worker asks."""
+    return (
         spec.output.keep_checkpoints
         if spec.output.keep_checkpoints is not None
         else settings.keep_checkpoints
     )
-    if not keep:  # the adapter, report, result and archive stay; optimizer checkpoints go
-        prune_checkpoints(paths.checkpoints)
-    return outcomes.completed(spec, report, files, archive, outcome, merged, uploads, warnings, watch.timings)
 
 
 def held_out_measure(data: PreparedData, spec: JobSpec, pad_id: int) -> Callable[[Any], HeldOutLoss | None]:
