@@ -69,6 +69,17 @@ def test_grid_puts_the_seed_first_at_each_budget_and_caps_rows():
         parse_runs("project:2048")
 
 
+def test_the_offload_recipe_is_a_config_of_its_own():
+    assert parse_runs("project-offload:1x32768,project:1x32768") == [
+        RunSpec("project-offload", 1, 32768),
+        RunSpec("project", 1, 32768),
+    ]
+    with pytest.raises(ValueError, match="project-offload"):  # the message lists the recipes
+        parse_runs("offload:1x2048")
+    specs = plan_runs(["seed", "project", "project-offload"], [8192], [1], seed_seq=2048)
+    assert [s.label for s in specs] == ["seed:4x2048", "project:1x8192", "project-offload:1x8192"]
+
+
 def test_ratios_to_the_seed_at_the_same_budget():
     results = [
         {"recipe": "seed", "budget": 2048, "tokens_per_s": 800.0, "peak_reserved_gib": 50.0},
@@ -76,11 +87,13 @@ def test_ratios_to_the_seed_at_the_same_budget():
         {"recipe": "seed", "budget": 16384, "oom": True},
         {"recipe": "project", "budget": 16384, "tokens_per_s": 1300.0, "peak_reserved_gib": 60.0},
         {"recipe": "project", "budget": 32768, "oom": True},
+        {"recipe": "project-offload", "budget": 2048, "tokens_per_s": 1000.0, "peak_reserved_gib": 30.0},
     ]
     out = attach_ratios(results)
     assert out[1]["vs_seed"] == 1.5 and out[1]["memory_vs_seed"] == 0.75
     assert out[3]["vs_seed"] is None and out[3]["seed_at_budget"] == "out of memory"
     assert out[4]["seed_at_budget"] == "not measured"
+    assert out[5]["vs_seed"] == 1.25 and out[5]["memory_vs_seed"] == 0.6
 
 
 # ----------------------------------------------------------------------------- largest budget
@@ -100,6 +113,34 @@ def test_max_budget_search_doubles_then_bisects_to_the_granularity():
     assert all(b % 1024 == 0 for b in calls)
     assert len(calls) <= 4 + 5  # then log2(32768 / 1024) bisection steps
     assert [p["fits"] for p in out["probes"]] == [b <= 45_000 for b in calls]
+
+
+class _FakeRunner:
+    """Stands in for the subprocess layer: 'fits' below a budget, out of memory above."""
+
+    def __init__(self, fits_below: int):
+        self.fits_below, self.doc, self.specs = fits_below, {}, []
+
+    def run(self, spec: RunSpec, steps: int | None = None) -> dict:
+        self.specs.append(spec)
+        ok = spec.budget <= self.fits_below
+        return {"recipe": spec.recipe, "budget": spec.budget, "ok": ok, "oom": not ok}
+
+    def add(self, rec: dict) -> None:
+        self.doc.setdefault("results", []).append(rec)
+
+
+def test_the_search_probes_the_offload_recipe_when_asked(capsys):
+    fake = _FakeRunner(fits_below=20_000)
+    a = cli.build_parser().parse_args(["--find-max-budget", "--search-recipe", "project-offload"])
+    cli._search(fake, a)
+    assert {s.recipe for s in fake.specs} == {"project-offload"} and {s.rows for s in fake.specs} == {1}
+    assert fake.doc["max_budget"]["recipe"] == "project-offload"
+    assert fake.doc["max_budget"]["max_budget"] == 19456 and fake.doc["search_recipe"] == "project-offload"
+    assert "project-offload" in capsys.readouterr().out
+    assert cli.build_parser().parse_args(["--find-max-budget"]).search_recipe == "project"
+    with pytest.raises(SystemExit):  # the seed recipe is never searched
+        cli.build_parser().parse_args(["--search-recipe", "seed"])
 
 
 def test_max_budget_search_edges():
@@ -233,6 +274,29 @@ def test_out_of_memory_inside_a_run_is_a_result_not_a_crash(monkeypatch):
     assert "Traceback" in rec["traceback_tail"]
 
 
+def test_the_offload_recipe_moves_saved_activations_to_the_host(monkeypatch):
+    """project-offload trains through the job's own offload hooks: every decoder forward of the
+    training steps enters torch's save_on_cpu; the plain project recipe never does."""
+    import torch
+
+    entered = []
+    real = torch.autograd.graph.save_on_cpu
+
+    def counting(*args, **kwargs):
+        entered.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counting)
+    rec = child.run_one(_tiny_cfg(recipe="project"))
+    assert rec["ok"], rec
+    assert rec["activation_offload"] is False and entered == []
+    rec = child.run_one(_tiny_cfg(recipe="project-offload"))
+    assert rec["ok"], rec
+    assert rec["activation_offload"] is True
+    assert len(entered) == 2  # one decoder forward per step (2 steps); recomputation runs outside
+    assert rec["host_peak_rss_gib"] > 0
+
+
 def test_the_70b_shape_is_refused_on_the_cpu():
     import torch
 
@@ -253,7 +317,7 @@ def test_a_hung_child_times_out(tmp_path, monkeypatch):
 
 @pytest.mark.e2e
 def test_tiny_bench_end_to_end_on_the_cpu(tmp_path):
-    """Both recipes, two budgets, one subprocess each, through the real training path."""
+    """Every recipe, two budgets, one subprocess each, through the real training path."""
     import torch
 
     if torch.cuda.is_available():
@@ -262,7 +326,7 @@ def test_tiny_bench_end_to_end_on_the_cpu(tmp_path):
     argv = [
         "--tiny",
         "--configs",
-        "seed:1x64,project:1x64,project:2x64,packed:2x64",
+        "seed:1x64,project:1x64,project:2x64,packed:2x64,project-offload:1x64",
         "--steps",
         "2",
         "--out",
@@ -271,7 +335,7 @@ def test_tiny_bench_end_to_end_on_the_cpu(tmp_path):
     assert cli.main(argv) == 0
     doc = json.loads(out.read_text())
     assert doc["complete"] and doc["device"] == "cpu" and doc["timing_claims"] is False
-    assert {r["recipe"] for r in doc["results"]} == {"project", "packed", "seed"}
+    assert {r["recipe"] for r in doc["results"]} == {"project", "packed", "seed", "project-offload"}
     assert {r["budget"] for r in doc["results"]} == {64, 128}
     for r in doc["results"]:
         assert r.get("tokens_per_s", 0) > 0 or r.get("oom"), r
@@ -284,6 +348,11 @@ def test_tiny_bench_end_to_end_on_the_cpu(tmp_path):
     assert "needs CUDA" in seed["optimizer_note"]
     assert project["labelled_tokens_per_step"] == 32  # assistant-like labels on the second half
     assert project["vs_seed"] is not None  # measured against the seed at the same budget, same run
+    # Offload changes where saved activations live, not what is computed: the same loss.
+    offload = doc["results"][-1]
+    assert offload["activation_offload"] is True and project["activation_offload"] is False
+    assert offload["train_loss"] == pytest.approx(project["train_loss"], rel=1e-6)
+    assert offload["vs_seed"] is not None
     assert doc["command"][:4] == ["python", "-m", "lora_worker", "bench"]
 
 

@@ -8,6 +8,7 @@ out-of-memory is a result (`"oom": true`), any other failure a record with its t
 from __future__ import annotations
 
 import gc
+import resource
 import shutil
 import tempfile
 import time
@@ -115,5 +116,7 @@ def run_one(cfg: dict) -> dict:
         if rec["device"] == "cuda":
             rec["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
             rec["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
+        # Host memory: what activation offload moves off the card lands here (Linux: ru_maxrss in KiB).
+        rec["host_peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2)
         shutil.rmtree(workdir, ignore_errors=True)
     return rec

@@ -1,7 +1,8 @@
 """`python -m lora_worker bench`: QLoRA throughput and memory on a Llama-3-shaped NF4 model.
 
 Modes: the grid of configurations (default), `--find-max-budget` (the largest 1-row budget within
-the memory cap) and `--project-job` (a whole job's time from a rate; no model is run). Each
+the memory cap, of the project recipe or, with `--search-recipe project-offload`, with activation
+offload on) and `--project-job` (a whole job's time from a rate; no model is run). Each
 configuration runs in its own subprocess (`--one`, internal) so it starts with clean GPU memory.
 BENCHMARKS.md has the method and the figures.
 """
@@ -19,7 +20,16 @@ from lora_worker.runtime.files import atomic_write_json
 from lora_worker.tools.bench.projection import JobShape, project_job
 from lora_worker.tools.bench.record import format_table, one_line
 from lora_worker.tools.bench.runner import RESULT_MARK, Runner, find_max_budget
-from lora_worker.tools.bench.shapes import SHAPES, RunSpec, Shape, parse_ints, parse_runs, plan_runs
+from lora_worker.tools.bench.shapes import (
+    RECIPES,
+    SEARCH_RECIPES,
+    SHAPES,
+    RunSpec,
+    Shape,
+    parse_ints,
+    parse_runs,
+    plan_runs,
+)
 
 # An 80 GB H100 shows torch about 79.2 GiB; the CUDA context and the paged optimizer's managed
 # memory sit outside the allocator's count, which leaves a process about 78 GiB to allocate. The
@@ -45,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rows", help="rows per micro-batch, capped so a row is >= --seed-seq tokens (default 1,4; tiny: 2)"
     )
-    p.add_argument("--recipes", default="project,seed", help="any of project,packed,seed")
-    p.add_argument("--configs", help="explicit list instead of the grid, e.g. seed:1x2048,project:4x2048")
+    p.add_argument("--recipes", default="project,seed", help=f"any of {','.join(RECIPES)}")
+    p.add_argument(
+        "--configs",
+        help="explicit list instead of the grid, e.g. seed:1x2048,project:4x2048,project-offload:1x32768",
+    )
     p.add_argument("--seed-seq", type=int, help="row length of the seed recipe (default 2048; tiny: 128)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per config; the first is warm-up")
     p.add_argument("--cap-gib", type=float, default=DEFAULT_CAP_GIB, help="GPU memory cap (an 80 GB H100)")
@@ -63,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("largest budget")
     g.add_argument(
         "--find-max-budget", action="store_true", help="largest 1-row budget that trains in the cap"
+    )
+    g.add_argument(
+        "--search-recipe",
+        choices=SEARCH_RECIPES,
+        default="project",
+        help="recipe the search probes (project-offload: activation offload on)",
     )
     g.add_argument("--search-start", type=int, default=8192, help="first budget tried (tokens)")
     g.add_argument("--search-granularity", type=int, default=1024, help="budgets are multiples of this")
@@ -125,9 +144,10 @@ def _project(a: argparse.Namespace) -> int:
 
 def _search(runner: Runner, a: argparse.Namespace) -> None:
     runner.doc["mode"] = "find-max-budget"
+    runner.doc["search_recipe"] = a.search_recipe
 
     def fits(budget: int) -> bool:
-        rec = runner.run(RunSpec("project", 1, budget), steps=2)
+        rec = runner.run(RunSpec(a.search_recipe, 1, budget), steps=2)
         runner.add(rec)
         print(f"  budget {budget}: {'fits' if rec.get('ok') else 'OOM' if rec.get('oom') else 'failed'}")
         if not rec.get("ok") and not rec.get("oom"):
@@ -137,8 +157,8 @@ def _search(runner: Runner, a: argparse.Namespace) -> None:
     found = find_max_budget(
         fits, start=a.search_start, granularity=a.search_granularity, limit=a.search_limit
     )
-    runner.doc["max_budget"] = found
-    print(f"largest 1-row budget within the cap: {found['max_budget']}")
+    runner.doc["max_budget"] = {**found, "recipe": a.search_recipe}
+    print(f"largest 1-row budget of {a.search_recipe} within the cap: {found['max_budget']}")
 
 
 def _grid(runner: Runner, a: argparse.Namespace, tiny: bool) -> None:

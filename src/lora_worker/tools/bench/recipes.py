@@ -4,6 +4,9 @@
   checkpointing, Liger on CUDA when installed) + `build_trainer` with `optimizer="auto"` (paged
   8-bit AdamW on CUDA), fed synthetic examples planned into micro-batches of a token budget
   (right-padded rows without a mask; `packed`: documents back to back with a block-diagonal mask).
+- `project-offload`: `project` with `training.activation_offload` on: the decoder's saved
+  activations kept in pinned host memory (`install_activation_offload`, as `train()` installs it),
+  the lever for budgets whose checkpointed activations do not fit on the card.
 - `seed`: the seed document's recipe as shared/tools/seed_recipe_baseline.py runs it:
   `prepare_model_for_kbit_training` (fp32 up-cast), `paged_adamw_32bit`, a plain HF `Trainer` on
   `rows x seq` random rows with an all-ones mask and labels on every token.
@@ -20,6 +23,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lora_worker.runtime.model.load import LORA_TARGETS, add_lora
+from lora_worker.runtime.training.offload import install_activation_offload
 from lora_worker.runtime.training.trainer import TrainConfig, build_trainer
 from lora_worker.tools.bench.nf4_model import synthetic_examples
 from lora_worker.tools.bench.shapes import Shape
@@ -52,7 +56,8 @@ class StepClock(TrainerCallback):
 
 
 def project_trainer(model, cfg: dict, device: str, workdir: Path, clock: StepClock) -> tuple[Any, dict]:
-    """The worker's training path (recipe `project`, or `packed` for one packed row per micro-batch)."""
+    """The worker's training path (recipe `project`, `project-offload` with activation offload, or
+    `packed` for one packed row per micro-batch)."""
     model, liger_used = add_lora(
         model,
         r=cfg["lora_r"],
@@ -64,6 +69,7 @@ def project_trainer(model, cfg: dict, device: str, workdir: Path, clock: StepClo
         liger="auto",  # on CUDA when liger-kernel is installed; never on the CPU
     )
     rows, seq, steps = cfg["rows"], cfg["seq"], cfg["steps"]
+    offload = cfg["recipe"] == "project-offload"
     shape = Shape(**cfg["shape"])
     examples = synthetic_examples(
         rows * steps, seq, shape.vocab, label_fraction=cfg["label_fraction"], seed=cfg["seed"]
@@ -84,8 +90,13 @@ def project_trainer(model, cfg: dict, device: str, workdir: Path, clock: StepClo
         gradient_checkpointing=True,
         packing="packed" if cfg["recipe"] == "packed" else "rows",
         report_to=(),
+        activation_offload=offload,
     )
     trainer, plan = build_trainer(model, examples, shape.vocab - 1, tcfg, [clock])
+    if tcfg.activation_offload:
+        # train() installs the hooks around its Trainers; the bench drives one Trainer itself. The
+        # child process ends after this one configuration, which takes the hooks with it.
+        install_activation_offload(model)
     if len(plan) != steps or any(len(b) != rows for b in plan):
         raise RuntimeError(
             f"planner made {[len(b) for b in plan]} rows per micro-batch, expected {rows} x {steps}"
@@ -94,6 +105,7 @@ def project_trainer(model, cfg: dict, device: str, workdir: Path, clock: StepClo
         "liger": liger_used,
         "upcast_fp32": False,
         "gradient_checkpointing": "non-reentrant",
+        "activation_offload": offload,
         "tokens_per_step": rows * seq,
         "labelled_tokens_per_step": sum(examples[i].trainable_tokens for i in plan[0]),
     }
@@ -155,6 +167,7 @@ def seed_trainer(model, cfg: dict, device: str, workdir: Path, clock: StepClock)
         "liger": False,
         "upcast_fp32": True,
         "gradient_checkpointing": "Trainer default",
+        "activation_offload": False,
         "tokens_per_step": rows * seq,
         "labelled_tokens_per_step": rows * (seq - 1),
     }

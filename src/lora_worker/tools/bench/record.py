@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-from lora_worker.tools.bench.shapes import Shape, mfu
+from lora_worker.tools.bench.shapes import PROJECT_RECIPES, Shape, mfu
 
 VERSIONED = ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "accelerate")
 
@@ -53,10 +53,11 @@ def summarize(rec: dict, shape: Shape, peak: float | None) -> dict:
 
 
 def attach_ratios(results: list[dict]) -> list[dict]:
-    """For each project result: its tokens/s and peak memory over the seed's at the same budget."""
+    """For each result of the project's path (project, project-offload, packed): its tokens/s and peak
+    memory over the seed's at the same budget."""
     seeds = {r["budget"]: r for r in results if r.get("recipe") == "seed"}
     for r in results:
-        if r.get("recipe") not in ("project", "packed"):
+        if r.get("recipe") not in PROJECT_RECIPES:
             continue
         s = seeds.get(r["budget"])
         r["vs_seed"] = None

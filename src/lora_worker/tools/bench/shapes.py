@@ -1,6 +1,8 @@
 """What the bench runs: model shapes and their FLOPs per token, MFU, and the grid of configurations.
 
 A configuration is written `recipe:ROWSxSEQ`; its budget is ROWS x SEQ tokens per micro-batch.
+Recipes: `project` (the worker's path), `project-offload` (the same with `training.activation_offload`
+on), `packed` (the worker's path with documents packed into one row) and `seed` (the baseline).
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ from dataclasses import dataclass
 
 from lora_worker.runtime.gpu_rates import peak_bf16_flops
 
-RECIPES = ("project", "packed", "seed")
+RECIPES = ("project", "project-offload", "packed", "seed")
+# Recipes that run the worker's own training path (compared with the seed at the same budget).
+PROJECT_RECIPES = ("project", "project-offload", "packed")
+# Recipes the largest-budget search may probe (one row per micro-batch).
+SEARCH_RECIPES = ("project", "project-offload")
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> floa
 
 @dataclass(frozen=True)
 class RunSpec:
-    recipe: str  # "project" | "packed" | "seed"
+    recipe: str  # one of RECIPES
     rows: int
     seq: int  # tokens per row
 
@@ -81,7 +87,8 @@ class RunSpec:
 def plan_runs(
     recipes: Sequence[str], budgets: Sequence[int], rows: Sequence[int], *, seed_seq: int
 ) -> list[RunSpec]:
-    """The grid: for each budget (ascending), the seed recipe first, then the project's configs.
+    """The grid: for each budget (ascending), the seed recipe first, then the project's configs
+    (`project`, `project-offload`, `packed`, those of them in `recipes`).
 
     The seed recipe always uses rows of `seed_seq` tokens (budget / seed_seq rows). The project
     uses each `rows` value, capped so that a row is at least `seed_seq` tokens long (budget 2048
@@ -91,24 +98,27 @@ def plan_runs(
     for b in sorted(set(budgets)):
         if "seed" in recipes and b >= seed_seq and b % seed_seq == 0:
             out.append(RunSpec("seed", b // seed_seq, seed_seq))
-        for recipe in ("project", "packed"):
+        for recipe in PROJECT_RECIPES:
             if recipe not in recipes:
                 continue
             for r in rows:
                 r = max(1, min(r, b // seed_seq))
                 # One document per row is the plain project path, so `packed` needs two or more.
-                if b % r == 0 and (recipe == "project" or r > 1):
+                if b % r == 0 and (recipe != "packed" or r > 1):
                     out.append(RunSpec(recipe, r, b // r))
     return list(dict.fromkeys(out))  # first occurrence of each, in order
 
 
 def parse_runs(text: str) -> list[RunSpec]:
-    """'seed:1x2048,project:4x2048' -> RunSpecs (recipe:ROWSxSEQ)."""
+    """'seed:1x2048,project:4x2048,project-offload:1x32768' -> RunSpecs (recipe:ROWSxSEQ)."""
     out = []
     for item in filter(None, (x.strip() for x in text.split(","))):
-        m = re.fullmatch(rf"({'|'.join(RECIPES)}):(\d+)x(\d+)", item)
+        m = re.fullmatch(rf"({'|'.join(map(re.escape, RECIPES))}):(\d+)x(\d+)", item)
         if not m:
-            raise ValueError(f"bad config {item!r}: expected recipe:ROWSxSEQ, e.g. project:4x2048")
+            raise ValueError(
+                f"bad config {item!r}: expected recipe:ROWSxSEQ with recipe one of {', '.join(RECIPES)}, "
+                "e.g. project:4x2048"
+            )
         out.append(RunSpec(m[1], int(m[2]), int(m[3])))
     return out
 
