@@ -129,7 +129,7 @@ def test_not_an_object():
 
 
 def test_job_id_required_outside_runpod():
-    assert problems(OK) == ["job_id: required when the job does not come from RunPod's queue"]
+    assert problems(OK) == ["job_id: required when the request does not come from RunPod's queue"]
 
 
 def test_readme_input_table_is_current():

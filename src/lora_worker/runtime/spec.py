@@ -8,6 +8,7 @@ Every problem in an input is collected and reported at once, each naming its fie
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -292,12 +293,31 @@ def _check_url(v: str, *, allow_loopback_http: bool) -> str:
 _SECRET_KEYS = {"webhook_secret", "hf_token", "wandb_api_key", "runpod_api_key"}
 
 
-def _loc(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc) or "input"
+def validation_problems(err: ValidationError) -> list[str]:
+    """Each pydantic error as 'field: what is wrong'."""
+    out = []
+    for e in err.errors(include_url=False):
+        loc = ".".join(str(p) for p in e["loc"]) or "input"
+        if e["type"] == "extra_forbidden":
+            out.append(f"{loc}: unknown field")
+        elif e["type"] == "value_error":
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            out.append(msg if not e["loc"] else f"{loc}: {msg}")
+        else:
+            out.append(f"{loc}: {e['msg']} (got {e['input']!r})"[:300])
+    return out
 
 
-def parse_job_input(raw: Any, *, runpod_job_id: str | None = None) -> JobSpec:
-    """Parse and validate a RunPod job `input`; raises `JobInputError` listing every problem."""
+def parse_input(
+    model: type[BaseModel],
+    raw: Any,
+    *,
+    runpod_job_id: str | None = None,
+    extra_problems: Callable[[dict], list[str]] = lambda data: [],
+) -> Any:
+    """Parse a RunPod `input` into `model` (a strict spec with a `job_id` field); raises
+    `JobInputError` listing every problem: secrets in the input, each field's error, and
+    `extra_problems(data)` (checks across fields, which pydantic skips once a field has failed)."""
     if not isinstance(raw, dict):
         raise JobInputError([f"input: must be a JSON object, got {type(raw).__name__}"])
     problems = [
@@ -307,32 +327,32 @@ def parse_job_input(raw: Any, *, runpod_job_id: str | None = None) -> JobSpec:
         if key.lower() in _SECRET_KEYS
     ]
     data = {k: v for k, v in raw.items() if k.lower() not in _SECRET_KEYS}
-    # Checked here rather than in a model validator, which pydantic skips once a field has failed.
-    if (data.get("dataset_url") is None) == (data.get("dataset_path") is None):
-        problems.append("dataset_url, dataset_path: give exactly one of them")
+    problems += extra_problems(data)
     try:
-        spec = JobSpec.model_validate(data)
+        spec = model.model_validate(data)
     except ValidationError as err:
-        for e in err.errors(include_url=False):
-            loc = _loc(e["loc"])
-            if e["type"] == "extra_forbidden":
-                problems.append(f"{loc}: unknown field")
-            elif e["type"] == "value_error":
-                msg = str(e["msg"]).removeprefix("Value error, ")
-                problems.append(msg if not e["loc"] else f"{loc}: {msg}")
-            else:
-                problems.append(f"{loc}: {e['msg']} (got {e['input']!r})"[:300])
-        raise JobInputError(problems) from None
+        raise JobInputError([*problems, *validation_problems(err)]) from None
     if problems:
         raise JobInputError(problems)
     if spec.job_id is None:
         if runpod_job_id is None:
-            raise JobInputError(["job_id: required when the job does not come from RunPod's queue"])
+            raise JobInputError(["job_id: required when the request does not come from RunPod's queue"])
         try:
             spec = spec.model_copy(update={"job_id": JobSpec._safe_job_id(runpod_job_id)})
         except ValueError as err:
             raise JobInputError([f"job_id: the RunPod job id {runpod_job_id!r} {err}"]) from None
     return spec
+
+
+def _one_dataset(data: dict) -> list[str]:
+    if (data.get("dataset_url") is None) == (data.get("dataset_path") is None):
+        return ["dataset_url, dataset_path: give exactly one of them"]
+    return []
+
+
+def parse_job_input(raw: Any, *, runpod_job_id: str | None = None) -> JobSpec:
+    """Parse and validate a training job's `input`; raises `JobInputError` listing every problem."""
+    return parse_input(JobSpec, raw, runpod_job_id=runpod_job_id, extra_problems=_one_dataset)
 
 
 def input_table_markdown() -> str:

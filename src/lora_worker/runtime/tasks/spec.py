@@ -15,13 +15,12 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lora_worker.runtime.net import UrlNotAllowed, check_url
-from lora_worker.runtime.spec import JobInputError, JobSpec
+from lora_worker.runtime.spec import JobInputError, JobSpec, parse_input
 
 TASKS: tuple[str, ...] = ("train", "generate", "list")
-_SECRET_KEYS = {"webhook_secret", "hf_token", "wandb_api_key", "runpod_api_key"}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -150,50 +149,11 @@ class ListSpec(_Strict):
         return _job_id(v)
 
 
-def _problems(err: ValidationError) -> list[str]:
-    out = []
-    for e in err.errors(include_url=False):
-        loc = ".".join(str(p) for p in e["loc"]) or "input"
-        if e["type"] == "extra_forbidden":
-            out.append(f"{loc}: unknown field")
-        elif e["type"] == "value_error":
-            out.append(f"{loc}: {str(e['msg']).removeprefix('Value error, ')}")
-        else:
-            out.append(f"{loc}: {e['msg']} (got {e['input']!r})"[:300])
-    return out
-
-
-def _parse(model: type[_Strict], raw: Any, runpod_job_id: str | None) -> Any:
-    if not isinstance(raw, dict):
-        raise JobInputError([f"input: must be a JSON object, got {type(raw).__name__}"])
-    problems = [
-        f"{key}: secrets are not accepted in the job input; set {key.upper()} in the worker's environment "
-        "(endpoint settings) instead"
-        for key in raw
-        if key.lower() in _SECRET_KEYS
-    ]
-    data = {k: v for k, v in raw.items() if k.lower() not in _SECRET_KEYS}
-    try:
-        spec = model.model_validate(data)
-    except ValidationError as err:
-        raise JobInputError([*problems, *_problems(err)]) from None
-    if problems:
-        raise JobInputError(problems)
-    if spec.job_id is None:
-        if runpod_job_id is None:
-            raise JobInputError(["job_id: required when the request does not come from RunPod's queue"])
-        try:
-            spec = spec.model_copy(update={"job_id": JobSpec._safe_job_id(runpod_job_id)})
-        except ValueError as err:
-            raise JobInputError([f"job_id: the RunPod job id {runpod_job_id!r} {err}"]) from None
-    return spec
-
-
 def parse_generate_input(raw: Any, *, runpod_job_id: str | None = None) -> GenerateSpec:
     """Parse a `generate` input; JobInputError listing every problem."""
-    return _parse(GenerateSpec, raw, runpod_job_id)
+    return parse_input(GenerateSpec, raw, runpod_job_id=runpod_job_id)
 
 
 def parse_list_input(raw: Any, *, runpod_job_id: str | None = None) -> ListSpec:
     """Parse a `list` input; JobInputError listing every problem."""
-    return _parse(ListSpec, raw, runpod_job_id)
+    return parse_input(ListSpec, raw, runpod_job_id=runpod_job_id)
