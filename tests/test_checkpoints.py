@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import tmpfs
 from training_builders import PAD_ID, lora_model, synthetic_examples, train_config
 from transformers import TrainerCallback
 
@@ -181,13 +181,8 @@ def test_estimate_without_a_checkpoint_is_the_adapter_plus_optimizer_state(tiny_
 @pytest.fixture
 def small_volume(tmp_path):
     """A real 8 MiB tmpfs; skipped where mounting is not permitted."""
-    mount = tmp_path / "volume"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "volume", "8m") as mount:
+        yield mount
 
 
 class FillVolume(TrainerCallback):

@@ -4,12 +4,11 @@ its size or breaks off, and from paths that are not dataset files; no partial fi
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import SAMPLE
+from conftest import SAMPLE, tmpfs
 
 from lora_worker.runtime.data import (
     DatasetError,
@@ -177,14 +176,8 @@ def test_cancel_stops_a_download(server, tmp_path):
 @pytest.fixture
 def tiny_volume(tmp_path):
     """A real 1 MiB filesystem (tmpfs), where the platform lets the test mount one."""
-    mnt = tmp_path / "vol"
-    mnt.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    with tmpfs(tmp_path / "vol", "1m") as mnt:
+        yield mnt
 
 
 def test_full_volume_refuses_a_declared_size_and_cleans_up_an_undeclared_one(server, tiny_volume):

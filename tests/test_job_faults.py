@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, LoopbackServer, Recorder, small_job
+from conftest import REPO, LoopbackServer, Recorder, small_job, tmpfs
 from data_builders import system_heavy_dataset
 from fake_hub import MODEL, FakeHub
 from safetensors.torch import load_file, save_file
@@ -189,13 +189,8 @@ def test_a_second_process_on_a_running_job_is_refused_and_touches_nothing(
 @pytest.fixture
 def small_volume(tmp_path):
     """A real 512 KiB filesystem: room for the job's bookkeeping, not for a checkpoint."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "small", "512k") as mnt:
+        yield mnt
 
 
 def test_a_full_volume_fails_the_job_with_the_numbers_and_a_final_event(

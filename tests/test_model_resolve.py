@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from conftest import tmpfs
 from fake_hub import MODEL, NEVER_FETCHED, SHA, FakeHub
 
 import lora_worker
@@ -448,15 +449,8 @@ def test_model_that_is_not_a_causal_lm_is_refused_before_the_weights(hub: FakeHu
 @pytest.fixture
 def small_volume(tmp_path: Path) -> Iterator[Path]:
     """A real 256 KiB filesystem (tmpfs): room for the config and tokenizer, not the weights."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "256k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_full_volume_is_refused_before_the_weights_with_the_numbers(

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
-from conftest import Recorder
+from conftest import Recorder, tmpfs
 
 from lora_worker.runtime.contracts import JobResult
 from lora_worker.runtime.events.progress import CostMeter, Reporter
@@ -17,21 +16,16 @@ from lora_worker.runtime.outcomes import finish
 @pytest.fixture
 def full_volume(tmp_path):
     """A real 64 KiB filesystem, filled to the last byte."""
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    (mnt / "jobs" / "j1").mkdir(parents=True)
-    try:
-        with open(mnt / "filler", "wb") as f:
-            while True:
-                f.write(b"x" * 4096)
-                f.flush()
-    except OSError:
-        pass  # ENOSPC: the volume is full
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "full", "64k") as mnt:
+        (mnt / "jobs" / "j1").mkdir(parents=True)
+        try:
+            with open(mnt / "filler", "wb") as f:
+                while True:
+                    f.write(b"x" * 4096)
+                    f.flush()
+        except OSError:
+            pass  # ENOSPC: the volume is full
+        yield mnt
 
 
 def test_finish_on_a_full_volume_still_returns_the_result_and_sends_the_final_event(full_volume):
