@@ -143,9 +143,11 @@ class EvaluationOptions(_Strict):
         24, ge=0, le=10_000, description="Cap on held-out conversations (bounds eval cost)."
     )
     num_samples: int = Field(
-        10, ge=0, le=100, description="Held-out prompts generated before and after training."
+        10, ge=0, le=100, description="How many scenarios the report shows as before/after samples."
     )
-    max_new_tokens: int = Field(256, ge=1, le=4096, description="Generation length for the samples.")
+    max_new_tokens: int = Field(
+        256, ge=1, le=4096, description="Longest reply, in tokens, to a scenario (base and adapted)."
+    )
     scenarios_path: str | None = Field(
         None,
         description="JSONL of scenarios (chat messages up to a user turn, optional tags and reference reply) "
