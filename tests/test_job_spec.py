@@ -137,6 +137,5 @@ def test_readme_input_table_is_current():
     m = re.search(r"<!-- input-table:start -->\n(.*?)\n<!-- input-table:end -->", readme, re.S)
     assert m, "README.md lacks the generated input table markers"
     assert m.group(1).strip() == input_table_markdown().strip(), (
-        "README's input table is stale: regenerate it with "
-        "`python -c 'from lora_worker.runtime.spec import input_table_markdown as t; print(t())'`"
+        "README's input table is stale: regenerate it with `.venv/bin/python -m lora_worker schemas`"
     )

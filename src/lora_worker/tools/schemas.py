@@ -1,19 +1,23 @@
-"""`python -m lora_worker schemas [--check]`: the JSON Schemas of what the worker sends and returns,
-written to docs/schemas/ from the typed models (the job input, the progress event, the result,
-the report). `--check` exits 1 when a file there is out of date."""
+"""`python -m lora_worker schemas [--check]`: the generated documentation of the contracts, from the
+typed models: the JSON Schemas in docs/schemas/ (job input, progress event, result, report) and the
+README's job-input table. `--check` exits 1 when any of it is out of date."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from lora_worker.runtime.contracts import json_schemas
 from lora_worker.runtime.events.event import event_json_schema
-from lora_worker.runtime.spec import JobSpec
+from lora_worker.runtime.spec import JobSpec, input_table_markdown
 
-DEFAULT_DIR = Path(__file__).resolve().parents[3] / "docs" / "schemas"
+REPO = Path(__file__).resolve().parents[3]
+DEFAULT_DIR = REPO / "docs" / "schemas"
+README = REPO / "README.md"
+TABLE = re.compile(r"(<!-- input-table:start -->\n).*?(<!-- input-table:end -->)", re.S)
 
 
 def all_schemas() -> dict[str, dict]:
@@ -26,6 +30,11 @@ def all_schemas() -> dict[str, dict]:
 
 def render(schema: dict) -> str:
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def readme_with_table(text: str) -> str:
+    """The README with its job-input table regenerated from the field docs in runtime/spec.py."""
+    return TABLE.sub(lambda m: m.group(1) + input_table_markdown() + "\n" + m.group(2), text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         if not a.check:
             a.out.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
+    if README.exists():
+        text = README.read_text(encoding="utf-8")
+        if readme_with_table(text) != text:
+            stale.append("README.md input table")
+            if not a.check:
+                README.write_text(readme_with_table(text), encoding="utf-8")
     if a.check and stale:
         print(
             f"out of date in {a.out}: {', '.join(stale)}; run python -m lora_worker schemas", file=sys.stderr
