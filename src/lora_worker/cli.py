@@ -7,6 +7,7 @@ this file only dispatches, importing the module lazily so `--help` stays fast.
 from __future__ import annotations
 
 import importlib
+import shlex
 import sys
 
 # command -> (module, one-line help)
@@ -41,8 +42,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def invocation() -> str:
+    """How to run this command line again as written, from any shell: this interpreter's path (a
+    bare `python` is often not the virtualenv that has lora_worker installed)."""
+    return f"{shlex.quote(sys.executable)} -m lora_worker"
+
+
 def _usage() -> str:
-    lines = ["usage: python -m lora_worker <command> [options]", "", "commands:"]
+    lines = [f"usage: {invocation()} <command> [options]", "", "commands:"]
     lines += [f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 

@@ -127,7 +127,7 @@ def require_free_space(path: Path, need_bytes: int, what: str, *, margin_bytes: 
             f"not enough free space for {what}: needs about {need_bytes / GB:.2f} GB"
             + (f" (+{margin_bytes / GB:.1f} GB kept free)" if margin_bytes else "")
             + f", {free / GB:.2f} GB free on the volume at {path}; free space on the volume "
-            "(`python -m lora_worker prune`) or use a larger one"
+            "(`prune` from a lora-worker checkout lists what old jobs hold) or use a larger one"
         )
 
 

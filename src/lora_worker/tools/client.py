@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from lora_worker.cli import invocation
 from lora_worker.runtime.net import is_loopback
 from lora_worker.runtime.spec import Hyperparameters, JobSpec
 from lora_worker.tools.client_tasks import (
@@ -466,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if job_id:
             print(
-                f"\nstopped waiting; job {job_id} keeps running (status: python -m lora_worker status {job_id})",
+                f"\nstopped waiting; job {job_id} keeps running (status: {invocation()} status {job_id})",
                 file=err,
             )
         return EXIT_INTERRUPTED

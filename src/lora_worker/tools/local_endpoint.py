@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
+from lora_worker.cli import invocation
 from lora_worker.runtime.net import redact_url
 from lora_worker.tools.local_queue import JobRecord, QueueState
 from lora_worker.tools.local_worker import WorkerSupervisor, default_handler_path, worker_env
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_note = f"handler.py, cwd {Path.cwd()}, VOLUME_DIR {volume}"
     print(
         f"local endpoint: {endpoint.url}\nworker: {worker_note}\n"
-        f"submit: python -m lora_worker submit --url {endpoint.url} --dataset PATH --base-model PATH --wait",
+        f"submit: {invocation()} submit --url {endpoint.url} --dataset PATH --base-model PATH --wait",
         file=sys.stderr,
         flush=True,
     )

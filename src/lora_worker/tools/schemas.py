@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+from lora_worker.cli import invocation
 from lora_worker.runtime.contracts import json_schemas
 from lora_worker.runtime.events.event import event_json_schema
 from lora_worker.runtime.spec import JobSpec, input_table_markdown
@@ -63,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             if not a.check:
                 README.write_text(readme_with_table(text), encoding="utf-8")
     if a.check and stale:
-        print(
-            f"out of date in {a.out}: {', '.join(stale)}; run python -m lora_worker schemas", file=sys.stderr
-        )
+        print(f"out of date: {', '.join(stale)}; run {invocation()} schemas", file=sys.stderr)
         return 1
     print(
         f"{len(all_schemas())} schemas in {a.out}"
