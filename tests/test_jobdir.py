@@ -118,7 +118,8 @@ def test_attempts_add_up_across_deliveries(tmp_path):
     now = [100.0]
     first = AttemptLog(paths, hourly_usd=3.6, gpu="H100", clock=lambda: now[0])
     now[0] += 65.5
-    first.send({"status": "training", "sequence": 7})  # an event refreshes the attempt's entry; then the worker dies
+    # an event refreshes the attempt's entry; then the worker dies
+    first.send({"status": "training", "sequence": 7})
     second = AttemptLog(paths, hourly_usd=3.6, gpu="H100", clock=lambda: now[0])
     now[0] += 69.9
     assert second.total_seconds() == pytest.approx(135.4)

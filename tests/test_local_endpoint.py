@@ -256,7 +256,9 @@ def job_of(tiny_model, small_dataset):
     """A small job (one epoch on 6 conversations) with the given groups merged in."""
 
     def make(**override) -> dict:
-        return merge_groups(small_job(tiny_model, small_dataset, training={"checkpoint_steps": 50}), **override)
+        return merge_groups(
+            small_job(tiny_model, small_dataset, training={"checkpoint_steps": 50}), **override
+        )
 
     return make
 
