@@ -1,4 +1,4 @@
-"""Webhook bodies and signatures: Standard Webhooks plus the seed dashboard's hex HMAC.
+"""Webhook bodies and signatures: Standard Webhooks plus the studio dashboard's hex HMAC.
 
 Every request carries two signatures over the exact body bytes sent:
 
@@ -7,7 +7,7 @@ Every request carries two signatures over the exact body bytes sent:
   the base64-decoded part of a `whsec_<base64>` secret, or a raw secret's UTF-8 bytes.
 * `X-Webhook-Signature: <hex>`, the HMAC-SHA256 of the body alone, keyed with the secret *string
   as configured* (the whole `WEBHOOK_SECRET` text, `whsec_` prefix included), because that is what
-  the seed dashboard's `crypto.createHmac('sha256', process.env.WEBHOOK_SECRET)` computes.
+  the studio dashboard's `crypto.createHmac('sha256', process.env.WEBHOOK_SECRET)` computes.
 
 The body is written exactly as JavaScript's `JSON.stringify(JSON.parse(body))` writes it back, so
 a dashboard that signs the raw body and one that signs `JSON.stringify(payload)` of the parsed
