@@ -131,8 +131,10 @@ def part_job(stage: dict, run1: dict, cuda: bool) -> list[dict]:
             run1.get("checkpoints_at_kill"),
         ),
         check(
-            "REQUIRE_CUDA=1 let the job start on this device",
-            True if cuda else None,
+            "REQUIRE_CUDA=1 set, and the job started on this device",
+            os.environ.get("REQUIRE_CUDA", "").strip().lower() in ("1", "true", "yes", "on")
+            if cuda
+            else None,
             os.environ.get("REQUIRE_CUDA"),
         ),
     ]

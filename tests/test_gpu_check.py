@@ -105,7 +105,7 @@ def test_a_cuda_resume_passes_only_with_its_evidence():
     ]
 
 
-def test_the_kill_and_the_first_run():
+def test_the_kill_and_the_first_run(monkeypatch):
     assert summary.verdict(summary.part_kill(_run1())) == "PASS"
     assert (
         summary.verdict(summary.part_kill(_run1(killed=False, returncode=0, result_written=True))) == "FAIL"
@@ -114,9 +114,12 @@ def test_the_kill_and_the_first_run():
         "snapshot": "/v/huggingface-cache/hub/models--a--b/snapshots/x",
         "nf4_copy_before_first_run": False,
     }
+    monkeypatch.setenv("REQUIRE_CUDA", "1")
     assert summary.verdict(summary.part_job(stage, _run1(), cuda=True)) == "PASS"
     no_copy = _run1(nf4_copy={"present": False})
     assert summary.verdict(summary.part_job(stage, no_copy, cuda=True)) == "FAIL"
+    monkeypatch.setenv("REQUIRE_CUDA", "0")  # a GPU run must prove the refusal switch lets it start
+    assert summary.verdict(summary.part_job(stage, _run1(), cuda=True)) == "FAIL"
 
 
 def test_the_oom_part_needs_a_recovered_real_error_and_every_step():
@@ -245,6 +248,7 @@ def test_the_gpu_check_dry_run_on_the_cpu(tmp_path):
     )
     assert second["resumed_from_step"] == 2 and second["status"] == "completed"
     assert results["oom"]["result"]["status"] == "completed"  # uncapped on the CPU, but the job ran
+    assert results["oom"]["cap"]["why_not"] == "no CUDA device"  # the cap saw the training stage begin
     assert results["optimizer_states"]["first_state_dtypes"] == {"float32": 28}  # AdamW on the CPU
 
     bench = json.loads((out / "bench-70b.json").read_text())
