@@ -105,6 +105,7 @@ def test_report_shows_the_verdict_and_the_curve_from_the_base_model(job_run):
         {"base", "adapted", "reference"} <= s.keys() for s in report.samples
     )
     assert report.settings["optimizer_used"] == "adamw_torch" and report.settings["device"] == "cpu"
+    assert report.settings["liger_used"] is False  # Liger's kernels need CUDA
     assert list((job_dir / "tensorboard").rglob("events.out.tfevents.*"))
 
 

@@ -398,7 +398,7 @@ def test_runpod_channel_posts_what_the_platform_expects():
     ch = RunPodChannel({"id": "job-9"}, target=target)
     ch.send({"sequence": 1, "status": "training", "metrics": {"loss": 1.5}})
     assert ch.close(timeout_s=10)
-    ((method, path, headers, body),) = server.requests
+    ((method, path, headers, body, _arrived),) = server.requests
     server.close()
     assert method == "POST" and path == "/job-done/pod-7/job-9?gpu=x&isStream=false"
     assert headers["authorization"] == "rp-key" and headers["x-request-id"] == "job-9"

@@ -228,7 +228,8 @@ def train_job(
     reporter.stage("reporting")
     with watch("report"):
         report, files, archive = package_outputs(
-            spec, paths, p.data, outcome, assessment, adapter, p.lineage, attempt, device, warnings, watch.timings
+            spec, paths, p.data, outcome, assessment, adapter, p.lineage, attempt, device,
+            loaded.info(device.name), warnings, watch.timings,
         )  # fmt: skip
     if spec.output.upload_url or spec.output.hf_repo:
         reporter.stage("uploading")

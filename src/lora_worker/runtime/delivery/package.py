@@ -41,6 +41,7 @@ def package_outputs(
     lineage: Lineage,
     attempt: AttemptLog,
     device: Device,
+    model_info: dict,
     warnings: list[str],
     timings: dict[str, float],
 ) -> tuple[Report, ReportFiles, AdapterFiles]:
@@ -48,7 +49,9 @@ def package_outputs(
     its model card, archive adapter + report, and write the report again naming the archive (the
     copy on the volume names the archive; the archived copy cannot name itself). The human A/B key
     stays beside the report, out of the archive."""
-    report = build_report(spec, data, outcome, assessment, lineage, attempt, device, warnings, timings)
+    report = build_report(
+        spec, data, outcome, assessment, lineage, attempt, device, model_info, warnings, timings
+    )
     key = paths.root / human_sheet.KEY_NAME
     write_report(paths.report, report.model_dump(mode="json"), human_key_path=key)
     serving = require_servable(adapter, lora_name=spec.job_id or "adapter")
@@ -70,6 +73,7 @@ def build_report(
     lineage: Lineage,
     attempt: AttemptLog,
     device: Device,
+    model_info: dict,
     warnings: list[str],
     timings: dict[str, float],
 ) -> Report:
@@ -92,6 +96,8 @@ def build_report(
             "micro_batch_tokens": outcome.micro_batch_tokens,
             "gradient_accumulation_steps": outcome.gradient_accumulation_steps,
             "optimizer_used": outcome.optimizer,
+            "liger_used": bool(model_info.get("liger")),
+            "trainable_params": model_info.get("trainable_params"),
             "device": device.kind,
             "gpu": device.name,
         },
