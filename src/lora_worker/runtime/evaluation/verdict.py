@@ -49,7 +49,7 @@ def decide(
         threshold=threshold,
         conversations=len(deltas),
     )
-    change = f"held-out loss {before:.4f} -> {after:.4f} ({relative * 100:+.1f} %)"
+    change = f"held-out loss {before:.4f} → {after:.4f} ({relative * 100:+.1f} %)"
     span = (
         f"; 95 % interval of the per-conversation change [{interval[0]:+.4f}, {interval[1]:+.4f}]"
         if interval
