@@ -6,6 +6,9 @@
     -> train -> held-out loss, samples, verdict -> save adapter -> report, archive -> upload
 
 Every stage is a function of its own module with explicit inputs and outputs (docs/design.md).
+With more than one GPU (`distributed.num_processes`), `run_job` launches the job's process group
+(runtime/parallel/) and its rank 0 tells this same story through `run_claimed`; the other ranks
+join for training only.
 Every ending, failures included, is one `JobResult` shape, written to `jobs/<job_id>/result.json`
 and sent as the final event, except for a delivery that is refused because the job is running
 elsewhere or already completed with other input: that one touches nothing of the job.
@@ -50,10 +53,14 @@ from lora_worker.runtime.model.load import load_tokenizer
 from lora_worker.runtime.model.prepare import LoadedModel, check_warm_start, load_checked
 from lora_worker.runtime.model.resolve import ModelMeta, resolve_model_meta, resolve_model_weights
 from lora_worker.runtime.outcomes import JobCancelled
+from lora_worker.runtime.parallel.handoff import Group, Handoff
+from lora_worker.runtime.parallel.launch import events_sent, gpu_label, group_size, launch_group
+from lora_worker.runtime.parallel.rundir import LaunchRequest
 from lora_worker.runtime.plan import Plan, eval_token_budget, plan_job, train_config
 from lora_worker.runtime.settings import Settings
 from lora_worker.runtime.spec import JobInputError, JobSpec, parse_job_input
 from lora_worker.runtime.training.checkpoints import ResumePoint, find_resumable, prune_checkpoints
+from lora_worker.runtime.training.ranks import GroupOutOfMemory
 from lora_worker.runtime.training.run import run_training
 from lora_worker.runtime.training.trainer import TrainConfig
 
@@ -101,20 +108,76 @@ def run_job(
     try:
         spec = parse_job_input(job_input, runpod_job_id=runpod_id)
         outcomes.check_webhook_secret(spec, settings)
+        device = detect_device()
+        processes = group_size(spec, device)
     except JobInputError as err:
         return outcomes.input_failure(job_input, err, settings, runpod_id)
     paths = JobPaths(settings.job_dir(spec.job_id), spec.job_id)
-    device = detect_device()
+    announce = dict(runpod_job=runpod_job, channels=channels, runpod_send=runpod_send)
     try:
         with jobdir.claim(paths, wait_s=settings.job_lock_wait_s, stale_s=settings.job_lock_stale_s):
-            attempt = AttemptLog(paths, hourly_usd=settings.hourly_rate(device.name), gpu=device.name)
-            reporter = open_reporter(spec, settings, attempt, runpod_job, channels, runpod_send)
-            result = attempt_job(spec, paths, device, reporter, attempt, settings, cancel)
-            free_accelerator_memory()  # the job's model is unreferenced now: hand the GPU back
-            return outcomes.finish(result, paths, reporter, attempt, drain_s=WEBHOOK_DRAIN_S)
+            if processes > 1 and not spec.dry_run:  # a dry run trains nothing: its plan is made here
+                request = LaunchRequest(job_input, runpod_job, default_job_id, processes)
+                return run_group(request, spec, paths, device, settings, cancel, **announce)
+            return run_claimed(spec, paths, device, settings, cancel=cancel, processes=processes, **announce)
     except JobRefused as err:
         log.warning("job %s: %s", spec.job_id, err)
         return outcomes.refused(spec.job_id, str(err), device)
+
+
+def run_claimed(
+    spec: JobSpec,
+    paths: JobPaths,
+    device: Device,
+    settings: Settings,
+    *,
+    runpod_job: dict | None,
+    cancel: threading.Event,
+    channels: tuple = (),
+    runpod_send: Callable | None = None,
+    processes: int = 1,
+    group: Group | None = None,
+    held_s: float = 0.0,
+) -> dict:
+    """The job in this process, its folder already claimed (by this process, or by the worker that
+    launched this process group, whose rank 0 this is): every ending written and announced.
+    `held_s`: how long the job's GPUs were already held when this process started (the group's start)."""
+    attempt = AttemptLog(
+        paths, hourly_usd=settings.hourly_rate(device.name) * processes, gpu=gpu_label(device, processes)
+    )
+    attempt.t0 -= held_s  # the time (and cost) of the group's start-up counts too
+    reporter = open_reporter(spec, settings, attempt, runpod_job, channels, runpod_send)
+    result = attempt_job(spec, paths, device, reporter, attempt, settings, cancel, processes, group)
+    free_accelerator_memory()  # the job's model is unreferenced now: hand the GPU back
+    return outcomes.finish(result, paths, reporter, attempt, drain_s=WEBHOOK_DRAIN_S)
+
+
+def run_group(
+    request: LaunchRequest,
+    spec: JobSpec,
+    paths: JobPaths,
+    device: Device,
+    settings: Settings,
+    cancel: threading.Event,
+    *,
+    runpod_job: dict | None,
+    channels: tuple,
+    runpod_send: Callable | None,
+) -> dict:
+    """The job on `request.processes` GPUs: rank 0's output, or, when the group ended without one, its
+    failure (or cancel) written and announced here, naming the rank and where it was."""
+    # the whole group's time, recorded only when the group leaves no result (rank 0 records its own)
+    attempt = AttemptLog(
+        paths,
+        hourly_usd=settings.hourly_rate(device.name) * request.processes,
+        gpu=gpu_label(device, request.processes),
+    )
+    end = launch_group(request, paths, settings, cancel=cancel, max_seconds=spec.max_duration_hours * 3600)
+    if end.output is not None:
+        return end.output
+    attempt.last_sequence = max(attempt.last_sequence, events_sent(paths))
+    reporter = open_reporter(spec, settings, attempt, runpod_job, channels, runpod_send)
+    return outcomes.finish(outcomes.group_ended(spec, end), paths, reporter, attempt, drain_s=WEBHOOK_DRAIN_S)
 
 
 def attempt_job(
@@ -125,12 +188,17 @@ def attempt_job(
     attempt: AttemptLog,
     settings: Settings,
     cancel: threading.Event,
+    processes: int = 1,
+    group: Group | None = None,
 ) -> JobResult:
-    """This delivery's attempt at the job: the story, with every ending turned into a result."""
+    """This delivery's attempt at the job: the story, with every ending turned into a result (except
+    an out-of-memory error in a process group, which relaunches the group)."""
     watch, warnings = Stopwatch(), []
     try:
-        return train_job(spec, paths, device, reporter, attempt, settings, cancel, watch, warnings)
-    except JobRefused:
+        return train_job(
+            spec, paths, device, reporter, attempt, settings, cancel, watch, warnings, processes, group
+        )  # fmt: skip
+    except (JobRefused, GroupOutOfMemory):
         raise
     except (JobCancelled, PreprocessingCancelled):
         return outcomes.cancelled(spec, paths, reporter, warnings, watch.timings)
@@ -165,6 +233,8 @@ def train_job(
     cancel: threading.Event,
     watch: Stopwatch,
     warnings: list[str],
+    processes: int = 1,
+    group: Group | None = None,
 ) -> JobResult:
     """The job, top to bottom. Raises on failure; returns the completed (or replayed) result."""
     if settings.require_cuda:
@@ -180,7 +250,7 @@ def train_job(
     if stored is not None:
         return outcomes.replay(stored)
     attempt.resumed_from_step = resume.step
-    p = prepare(spec, paths, dataset, resume, device, reporter, settings, cancel, watch, warnings)
+    p = prepare(spec, paths, dataset, resume, device, reporter, settings, cancel, watch, warnings, processes)
     if spec.dry_run:
         return outcomes.dry_run(spec, p.data, p.plan, p.meta, warnings, watch.timings)
     outcomes.stop_if_cancelled(cancel)
@@ -201,11 +271,14 @@ def train_job(
     reporter.baseline(before.mean if before else None)
     outcomes.stop_if_cancelled(cancel)
     reporter.stage("training", resumed_from_step=resume.step)
+    if group is not None:  # the other ranks load the same weights and train beside this one
+        group.hand_off(Handoff(weights, spec, p.data.train, p.tokenizer.pad_token_id, p.cfg, resume))
     with watch("train"):
         outcome = run_training(
             model, p.data, p.tokenizer.pad_token_id, p.cfg, spec, reporter=reporter, cancel=cancel,
             resume=resume, evaluate=lambda: mean_of(measure(model)), eval_every_steps=ev_steps(spec, p.plan),
             elapsed=attempt.seconds, hourly_usd=attempt.hourly, prior_cost_usd=attempt.total_cost() - attempt.cost(),
+            ranks=group.ranks if group else None, recoveries=group.recoveries if group else (),
         )  # fmt: skip
     warnings += outcome.warnings
     outcomes.check_training(outcome, paths)
@@ -251,6 +324,7 @@ def prepare(
     cancel: threading.Event,
     watch: Stopwatch,
     warnings: list[str],
+    processes: int = 1,
 ) -> Prepared:
     """Conversations, scenarios, the model's config and tokenizer, a warm start's adapter, the
     tokenized data and the plan: everything decided before any weight file is touched."""
@@ -284,7 +358,17 @@ def prepare(
         )  # fmt: skip
     judge = JudgeSettings(settings.judge_base_url, settings.judge_api_key, settings.judge_model)
     cfg = train_config(spec, paths.checkpoints, paths.tensorboard, report_to(settings, warnings))
-    plan = plan_job(data, meta, spec, cfg, device, settings, scenarios=scenarios, judge_settings=judge)
+    plan = plan_job(
+        data,
+        meta,
+        spec,
+        cfg,
+        device,
+        settings,
+        scenarios=scenarios,
+        judge_settings=judge,
+        processes=processes,
+    )
     lineage = build_lineage(spec, dataset, data.summary, meta, previous)
     warnings += [*data.summary.warnings, *plan.warnings, *resume.warnings]
     reporter.stage(

@@ -222,6 +222,16 @@ def failed(
     )
 
 
+def group_ended(spec: JobSpec, end: Any) -> JobResult:
+    """A multi-GPU job whose process group ended without rank 0's result (`end`: parallel.launch.GroupEnd):
+    a rank died or failed, or /cancel had to stop the group; the message names the rank and where."""
+    if end.cancelled:
+        return JobResult(job_id=spec.job_id, status="cancelled", stage=end.stage, message=end.message)
+    return JobResult(
+        job_id=spec.job_id, status="failed", stage=end.stage, error=end.message, error_message=end.message
+    )
+
+
 def refused(job_id: str, message: str, device: Device) -> dict:
     """A delivery that may not run (job busy elsewhere, or completed with other input): RunPod only."""
     return JobResult(

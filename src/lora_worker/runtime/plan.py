@@ -25,6 +25,7 @@ from lora_worker.runtime.model.resolve import ModelMeta
 from lora_worker.runtime.settings import Settings
 from lora_worker.runtime.spec import JobSpec
 from lora_worker.runtime.training.oom import largest_micro_batch
+from lora_worker.runtime.training.ranks import padding_per_step, per_rank_accumulation
 from lora_worker.runtime.training.schedule import few_steps_warning, steps_per_epoch, warmup_steps_for
 from lora_worker.runtime.training.trainer import TrainConfig, plan_batches
 
@@ -45,6 +46,7 @@ class TimeEstimate(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     gpu: str
+    gpus: int = Field(1, description="GPUs the job holds (data parallel); time and cost count all of them.")
     tokens_per_s: float = Field(description="Training throughput assumed for this card (70B-scaled).")
     basis: str = Field(description="measured or estimated, with its source.")
     seconds: dict[str, float] = Field(description="cold_start, download, load, train, eval, samples, total.")
@@ -60,6 +62,12 @@ class Plan(BaseModel):
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    processes: int = Field(1, description="Processes (one per GPU) training the job, data parallel.")
+    per_process_accumulation: int = Field(
+        1,
+        description="Micro-batches each process trains per optimizer step (the step's micro-batches split "
+        "across processes, padded with empty ones to a multiple of them).",
+    )
     tokens_to_train: int = Field(description="Tokens of all epochs (folded, padding excluded).")
     micro_batch_tokens: int = Field(description="Token budget of one micro-batch.")
     largest_micro_batch_tokens: int = Field(
@@ -119,9 +127,14 @@ def plan_job(
     *,
     scenarios: Sequence[Scenario] | None = None,
     judge_settings: JudgeSettings | None = None,
+    processes: int = 1,
 ) -> Plan:
     """Steps and estimates; raises DatasetError (lossy data), GpuMemoryError (does not fit) or
-    JobInputError (a judge that cannot run)."""
+    JobInputError (a judge that cannot run).
+
+    With `processes` > 1 (data parallel, one GPU each) every GPU holds the whole model and trains
+    micro-batches of the same size, so the memory pre-flight is the one-GPU one; time and cost count
+    all of them."""
     hp = spec.hyperparameters
     check_data_loss(data.summary, spec.data.max_dropped_target_share, option="data.max_dropped_target_share")
     batches = plan_batches(data.train, cfg)
@@ -148,8 +161,14 @@ def plan_job(
         eval_conversations=data.eval_conversations,
     )  # fmt: skip
     evidence_s = (judge.generation_seconds or 0.0) + (judge.judge_seconds or 0.0)
-    estimates = [_time(gpu, tokens, data, meta, spec, settings, evidence_s) for gpu in PLANNED_GPUS]
-    here = _time(device.name, tokens, data, meta, spec, settings, evidence_s) if device.is_cuda else None
+    estimates = [
+        _time(gpu, tokens, data, meta, spec, settings, evidence_s, processes) for gpu in PLANNED_GPUS
+    ]
+    here = (
+        _time(device.name, tokens, data, meta, spec, settings, evidence_s, processes)
+        if device.is_cuda
+        else None
+    )
     warnings = [
         w
         for w in (
@@ -162,12 +181,15 @@ def plan_job(
         )
         if w
     ]
-    warnings += _limit_warnings(here, spec) + judge.warnings
+    warnings += _limit_warnings(here, spec) + _padding_warnings(hp.gradient_accumulation_steps, processes)
+    warnings += judge.warnings
     return Plan(
         micro_batches_per_epoch=len(batches),
         steps_per_epoch=per_epoch,
         total_steps=total,
         warmup_steps=warmup_steps_for(total, hp.warmup_ratio),
+        processes=processes,
+        per_process_accumulation=per_rank_accumulation(hp.gradient_accumulation_steps, processes),
         tokens_to_train=tokens,
         micro_batch_tokens=spec.micro_batch_tokens,
         largest_micro_batch_tokens=memory.micro_batch_tokens,
@@ -175,7 +197,7 @@ def plan_job(
         estimate=here,
         estimates=[e for e in estimates if e is not None],
         evidence=judge.model_dump(),
-        assumptions=ASSUMPTIONS,
+        assumptions=ASSUMPTIONS + (PARALLEL_ASSUMPTIONS if processes > 1 else []),
         warnings=warnings,
     )
 
@@ -186,6 +208,11 @@ ASSUMPTIONS = [
     "training rates per GPU type from runtime/gpu_rates.py (estimated unless marked measured)",
     f"held-out evaluation {EVAL_SPEEDUP:.0f}x faster per token than training; scenario replies and the "
     "judge as estimated in runtime/evaluation/evidence.py",
+]
+PARALLEL_ASSUMPTIONS = [
+    "data parallel: training runs at the one-GPU rate times the processes that have micro-batches in each "
+    "optimizer step (LoRA gradients all-reduced once per step; not measured); held-out evaluation, samples and "
+    "the judge run on one GPU while the others wait; cost counts every GPU for the whole job",
 ]
 
 
@@ -211,11 +238,14 @@ def _time(
     spec: JobSpec,
     settings: Settings,
     evidence_s: float,
+    processes: int = 1,
 ) -> TimeEstimate | None:
     rate = rate_estimate(gpu, _flops_per_token(meta.config))
     if rate is None:
         return None
     hp = spec.hyperparameters
+    ga = hp.gradient_accumulation_steps
+    speedup = ga / per_rank_accumulation(ga, processes)  # micro-batches trained side by side per step
     weights_bytes = _weights_bytes(meta.config)
     evals_during = max(0, math.ceil(hp.num_epochs) - 1) if spec.training.eval_steps is None else 0
     eval_tokens = data.summary.eval_tokens * (2 + evals_during)
@@ -223,7 +253,7 @@ def _time(
         "cold_start": COLD_START_S,
         "download": (meta.download_bytes or 0) / DOWNLOAD_BYTES_PER_S,
         "load": weights_bytes / VOLUME_READ_BYTES_PER_S,
-        "train": tokens / rate.tokens_per_s,
+        "train": tokens / (rate.tokens_per_s * speedup),
         "eval": eval_tokens / (rate.tokens_per_s * EVAL_SPEEDUP),
         "evidence": evidence_s,
     }
@@ -232,16 +262,30 @@ def _time(
     hourly = settings.hourly_rate(gpu)
     return TimeEstimate(
         gpu=rate.gpu.label,
+        gpus=processes,
         tokens_per_s=rate.tokens_per_s,
         basis=f"{rate.basis}: {rate.source}",
         seconds=seconds,
-        cost_usd=round(seconds["total"] / 3600 * hourly, 2),
+        cost_usd=round(seconds["total"] / 3600 * hourly * processes, 2),
     )
 
 
 def _weights_bytes(config: dict) -> float:
     """bf16 bytes of the checkpoint: what a first load reads (the NF4 copy later reads about 0.28x)."""
     return _flops_per_token(config) / 6.0 * 2
+
+
+def _padding_warnings(accumulation: int, processes: int) -> list[str]:
+    """Processes left without a micro-batch in each optimizer step wait for the others."""
+    pad = padding_per_step(accumulation, processes)
+    if pad == 0:
+        return []
+    busy = accumulation / (accumulation + pad)
+    return [
+        f"hyperparameters.gradient_accumulation_steps {accumulation} is not a multiple of the {processes} "
+        f"processes: each optimizer step gets {pad} empty micro-batch{'es' * (pad != 1)}, so the GPUs are busy "
+        f"{busy:.0%} of a step; {per_rank_accumulation(accumulation, processes) * processes} would keep every one busy"
+    ]
 
 
 def _limit_warnings(here: TimeEstimate | None, spec: JobSpec) -> list[str]:

@@ -116,6 +116,19 @@ class TrainingOptions(_Strict):
     logging_steps: int = Field(1, ge=1, le=10_000, description="Log train loss every N optimizer steps.")
 
 
+class DistributedOptions(_Strict):
+    """How many processes (one per GPU) train the job. Not part of what the job trains: a checkpoint
+    written by N processes resumes on any other number."""
+
+    num_processes: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="Processes (one per GPU) that train the job, data parallel: each holds the whole NF4 model "
+        "and trains its share of every optimizer step's micro-batches. Default: every visible GPU, 1 on the CPU.",
+    )
+
+
 class DataOptions(_Strict):
     """What of the dataset is trained on."""
 
@@ -244,6 +257,7 @@ class JobSpec(_Strict):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="See below.")
     data: DataOptions = Field(default_factory=DataOptions, description="See below.")
     training: TrainingOptions = Field(default_factory=TrainingOptions, description="See below.")
+    distributed: DistributedOptions = Field(default_factory=DistributedOptions, description="See below.")
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions, description="See below.")
     output: OutputOptions = Field(default_factory=OutputOptions, description="See below.")
     webhook_url: str | None = Field(

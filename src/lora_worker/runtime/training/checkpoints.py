@@ -194,10 +194,15 @@ class CheckpointCallback(TrainerCallback):
     Runs after the callbacks that ask for a save (so it sees every request): when the checkpoint
     would not fit on the volume, training stops cleanly with the numbers in GB (`reason`) instead
     of failing half-way through the write.
+
+    In a process group (`ranks`, an object with `barrier()`) every rank writes its part of the
+    checkpoint (rank 0 the weights and optimizer, each rank its RNG state); the marker is written
+    once, by rank 0, after every rank has finished.
     """
 
-    def __init__(self, folder: Path, *, minutes: float, keep: int = 2):
+    def __init__(self, folder: Path, *, minutes: float, keep: int = 2, ranks=None):
         self.folder, self.seconds, self.keep = Path(folder), minutes * 60.0, max(1, keep)
+        self.ranks = ranks
         self.reason: str | None = None
         self._last = time.monotonic()
 
@@ -224,8 +229,10 @@ class CheckpointCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
+        if self.ranks is not None:
+            self.ranks.barrier()
         ckpt = self.folder / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
+        if state.is_world_process_zero and ckpt.is_dir():
             write_marker(ckpt, step=state.global_step)
             for old in complete_checkpoints(self.folder)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)

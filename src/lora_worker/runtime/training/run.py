@@ -10,6 +10,8 @@ from lora_worker.runtime.data import PreparedData
 from lora_worker.runtime.spec import JobSpec
 from lora_worker.runtime.training.callbacks import EvalCallback, ProgressCallback, StopCallback
 from lora_worker.runtime.training.checkpoints import ResumePoint
+from lora_worker.runtime.training.oom import Recovery
+from lora_worker.runtime.training.ranks import Ranks
 from lora_worker.runtime.training.trainer import TrainConfig, TrainOutcome, train
 
 
@@ -28,8 +30,12 @@ def run_training(
     elapsed: Callable[[], float],
     hourly_usd: float,
     prior_cost_usd: float,
+    ranks: Ranks | None = None,
+    recoveries: tuple[Recovery, ...] = (),
 ) -> TrainOutcome:
-    """Train to the end, a stop (cancel, time or cost limit, non-finite loss, full disk) or a failure."""
+    """Train to the end, a stop (cancel, time or cost limit, non-finite loss, full disk) or a failure.
+
+    In a process group this is rank 0's side (`ranks`): its callbacks decide for every rank."""
     progress = ProgressCallback(
         reporter, tokens_per_epoch=data.summary.tokens_total, num_epochs=spec.hyperparameters.num_epochs
     )
@@ -44,4 +50,4 @@ def run_training(
     callbacks = [progress, stop]
     if data.eval:
         callbacks.append(EvalCallback(evaluate, eval_every_steps, progress.record_eval))
-    return train(model, data.train, pad_id, cfg, callbacks, resume=resume)
+    return train(model, data.train, pad_id, cfg, callbacks, resume=resume, ranks=ranks, recoveries=recoveries)

@@ -9,6 +9,10 @@ so long and short examples weigh per token.
 
 The optimizer and the learning-rate schedule are built here (schedule.py) and passed to the
 Trainer: one of each per run, reused by every Trainer of the run.
+
+Under `torchrun` (N processes, one per GPU: ranks.py) the same schedule is split across the ranks
+so that every optimizer step trains the same examples as in one process; rank 0 writes the
+checkpoints, the TensorBoard files and every decision to stop or save.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from lora_worker.runtime.training.oom import (
     split_schedule,
     torn_update_message,
 )
+from lora_worker.runtime.training.ranks import GroupOutOfMemory, Ranks, RankZeroDecides, shard_schedule
 from lora_worker.runtime.training.schedule import build_optimizer, build_scheduler, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,12 @@ class TrainConfig:
     keep_checkpoints: int = 2  # complete checkpoints kept while training
     activation_offload: bool = False  # saved activations of the decoder in (pinned) CPU memory
     max_grad_norm: float = 0.3
+
+
+# How long a rank waits in a collective of the training loop (seconds) before it fails: longer than a
+# held-out evaluation that rank 0 runs while the others wait. A rank that dies is noticed by
+# torchrun's agent at once, not by this timeout.
+COLLECTIVE_TIMEOUT_S = 1800
 
 
 @dataclass(frozen=True)
@@ -163,6 +174,7 @@ def adapter_update_norm(model) -> float:
 
 
 def training_arguments(cfg: TrainConfig, device: str) -> TrainingArguments:
+    """The Trainer's arguments; under torchrun the Trainer (Accelerate) adds DDP by itself."""
     sequential = "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}
     return TrainingArguments(
         output_dir=str(cfg.output_dir),
@@ -189,6 +201,11 @@ def training_arguments(cfg: TrainConfig, device: str) -> TrainingArguments:
         use_cpu=device == "cpu",
         disable_tqdm=True,
         save_only_model=False,
+        # one optimizer step's loss is averaged over its trained tokens on every rank (see ranks.py)
+        average_tokens_across_devices=True,
+        ddp_timeout=COLLECTIVE_TIMEOUT_S,
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every forward
+        ddp_broadcast_buffers=False,  # the model's buffers (rotary frequencies) are constants
         **({"train_sampling_strategy": "sequential"} if sequential else {}),
     )
 
@@ -201,21 +218,25 @@ def build_trainer(
     callbacks: list,
     schedule: list[list[int]] | None = None,
     optimizers: tuple | None = None,
+    world: int = 1,
 ):
     """A stock Trainer over the job's micro-batch schedule; returns (trainer, schedule).
 
     `optimizers` is the run's (optimizer, scheduler); built here when not given. The Trainer's
-    printer callback is removed: the worker's progress events say what it would print.
+    printer callback is removed: the worker's progress events say what it would print. With
+    `world` ranks, the Trainer reads the schedule split across them (`shard_schedule`), with the
+    per-rank accumulation; the schedule returned is the job's own.
     """
     if schedule is None:
         schedule = make_schedule(plan_batches(examples, cfg), cfg.num_epochs, cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    args = training_arguments(cfg, device)
+    sharded, per_rank = shard_schedule(schedule, cfg.gradient_accumulation_steps, world)
+    args = training_arguments(replace(cfg, gradient_accumulation_steps=per_rank), device)
     if optimizers is None:
         optimizer = build_optimizer(model, args)
         total = steps_per_epoch(len(schedule), cfg.gradient_accumulation_steps)
         optimizers = (optimizer, build_scheduler(optimizer, total_steps=total, warmup_ratio=cfg.warmup_ratio))
-    dataset = MicroBatches(examples, schedule, pad_id, packed=cfg.packing == "packed")
+    dataset = MicroBatches(examples, sharded, pad_id, packed=cfg.packing == "packed")
     trainer = Trainer(
         model=model,
         args=args,
@@ -258,9 +279,15 @@ def train(
     callbacks: list,
     *,
     resume: ResumePoint | None = None,
+    ranks: Ranks | None = None,
+    recoveries: Sequence[Recovery] = (),
 ) -> TrainOutcome:
     """Train to the end (or a stop), resuming from the newest verified checkpoint in `cfg.output_dir`
     (`resume`: the caller's own `find_resumable(cfg.output_dir)`, to verify the checksums once).
+
+    `ranks`: this process's place in a torchrun group (every rank calls train() with the same
+    arguments and the same `resume`; rank 0 alone passes the job's callbacks). `recoveries`: the
+    out-of-memory splits of earlier launches of the group, applied before the first step.
 
     `callbacks` are the caller's (progress, held-out eval, stop); checkpoints (every
     `checkpoint_steps` and `checkpoint_minutes`, with a free-space check), the non-finite guard
@@ -271,33 +298,45 @@ def train(
     accumulation doubled, so each optimizer step still sees the same examples in the same order
     (same effective batch, same steps, same LR schedule), and training goes on from the last
     finished step with the same optimizer. When every micro-batch is already one sequence, it
-    fails (TrainingOutOfMemory) saying what was tried.
+    fails (TrainingOutOfMemory) saying what was tried. In a group the ranks cannot agree on a retry
+    (see GroupOutOfMemory): the rank raises GroupOutOfMemory and the group is relaunched.
     """
     if any(isinstance(cb, CheckpointCallback) for cb in callbacks):
         raise ValueError("train() installs the CheckpointCallback itself; do not pass one")
     t0 = time.monotonic()
+    lead = ranks is None or ranks.is_zero
+    world = ranks.world if ranks else 1
     resume = resume or find_resumable(cfg.output_dir)
-    clean_incomplete(cfg.output_dir)
-    log.info("%s", resume.reason)
+    if lead:
+        clean_incomplete(cfg.output_dir)
+        log.info("%s", resume.reason)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     schedule = make_schedule(plan_batches(examples, cfg), cfg.num_epochs, cfg.seed)
+    run_cfg = cfg
+    for _ in recoveries:  # an earlier launch's splits: same steps, smaller micro-batches
+        schedule = split_schedule(schedule)
+        run_cfg = replace(run_cfg, gradient_accumulation_steps=run_cfg.gradient_accumulation_steps * 2)
     optimizer = build_optimizer(model, training_arguments(cfg, device))
-    total = steps_per_epoch(len(schedule), cfg.gradient_accumulation_steps)
+    total = steps_per_epoch(len(schedule), run_cfg.gradient_accumulation_steps)
     scheduler = build_scheduler(optimizer, total_steps=total, warmup_ratio=cfg.warmup_ratio)
     phase, guard = StepPhase(), NonFiniteGuard()
-    saver = CheckpointCallback(cfg.output_dir, minutes=cfg.checkpoint_minutes, keep=cfg.keep_checkpoints)
+    saver = CheckpointCallback(
+        cfg.output_dir, minutes=cfg.checkpoint_minutes, keep=cfg.keep_checkpoints, ranks=ranks
+    )
     # order matters: StepPhase first (it must see every step end), the saver after every callback
-    # that may ask for a save, the guard last so nothing re-enables a save after a NaN
-    all_callbacks = [phase, JobEpochs(cfg.num_epochs), *callbacks, saver, guard, *reporting_callbacks(cfg)]
+    # that may ask for a save, the guard last so nothing re-enables a save after a NaN, and rank 0's
+    # decisions broadcast after all of them
+    agree = [RankZeroDecides(ranks)] if ranks else []
+    reports = reporting_callbacks(cfg) if lead else []
+    all_callbacks = [phase, JobEpochs(cfg.num_epochs), *callbacks, saver, guard, *agree, *reports]
     offload = install_activation_offload(model) if cfg.activation_offload else None
-    recoveries: list[Recovery] = []
+    recoveries = list(recoveries)
     start = str(resume.checkpoint) if resume.checkpoint else None
-    run_cfg = cfg
     try:
         with tempfile.TemporaryDirectory(prefix="lora-oom-recovery-") as scratch:
             while True:
                 trainer, _ = build_trainer(
-                    model, examples, pad_id, run_cfg, all_callbacks, schedule, (optimizer, scheduler)
+                    model, examples, pad_id, run_cfg, all_callbacks, schedule, (optimizer, scheduler), world
                 )
                 message = run_attempt(trainer, start)
                 # The optimizer as the first Trainer prepared it (Accelerate's wrapper): a prepared
@@ -318,6 +357,8 @@ def train(
                     raise TrainingOutOfMemory(torn_update_message(step, message))
                 if rows <= 1:
                     raise TrainingOutOfMemory(give_up_message(recoveries))
+                if ranks is not None:
+                    raise GroupOutOfMemory(tuple(recoveries), ranks.rank)
                 model.zero_grad(set_to_none=True)
                 start = _recovery_point(trainer, model, Path(scratch) / f"step-{step}", cfg.output_dir, start)
                 del trainer
