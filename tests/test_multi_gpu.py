@@ -13,17 +13,19 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import small_job
+from conftest import REPO, small_job
 
 from lora_worker.runtime.device import Device
 from lora_worker.runtime.job import run_job
 from lora_worker.runtime.jobdir import JobPaths
-from lora_worker.runtime.parallel.launch import describe_end, group_size, settings_env
+from lora_worker.runtime.parallel.launch import describe_end, group_environment, group_size
 from lora_worker.runtime.parallel.rundir import GroupDir, LaunchRequest, RankExit
 from lora_worker.runtime.plan import _padding_warnings
 from lora_worker.runtime.settings import Settings
@@ -75,14 +77,16 @@ def test_processes_default_to_the_visible_gpus_and_cannot_exceed_them():
         group_size(two, Device("cuda", "H100", count=1))
 
 
-def test_the_ranks_get_the_workers_settings_without_files(tmp_path):
+def test_the_ranks_get_the_settings_and_the_input_through_their_environment(tmp_path):
     settings = Settings.from_env(
         {"VOLUME_DIR": str(tmp_path), "WEBHOOK_SECRET": "s3cret", "KEEP_CHECKPOINTS": "1"}
     )
-    assert Settings.from_env(settings_env(settings)) == settings
-    gdir = GroupDir(tmp_path / "group")
-    gdir.fresh(LaunchRequest({"job_id": "j"}, None, None, 2))
-    assert "s3cret" not in gdir.launch.read_text()
+    upload = "https://bucket.example.com/a.tar.gz?X-Amz-Signature=abc123"
+    request = LaunchRequest({"job_id": "j", "output": {"upload_url": upload}}, {"id": "rp"}, None, 2)
+    env = group_environment(settings, request, base={"PATH": "/bin"})
+    assert Settings.from_env(env) == settings
+    assert LaunchRequest.from_env(env) == request
+    assert env["OMP_NUM_THREADS"] == "1"
 
 
 def test_a_group_that_died_says_which_rank_where_and_what_is_kept(tmp_path):
@@ -90,24 +94,24 @@ def test_a_group_that_died_says_which_rank_where_and_what_is_kept(tmp_path):
     (paths.checkpoints / "checkpoint-4").mkdir(parents=True)
     (paths.checkpoints / "checkpoint-4" / COMPLETE_MARKER).write_text("{}")
     gdir = GroupDir(paths.root / "group")
-    gdir.fresh(LaunchRequest({}, None, None, 2))
+    gdir.root.mkdir()
     (gdir.progress).write_text(json.dumps({"stage": "training", "step": 5, "total_steps": 9}))
     (gdir.group_exit).write_text(
         json.dumps({"failures": [{"rank": 1, "exitcode": -9}, {"rank": 0, "exitcode": -15}]})
     )
-    end = describe_end(gdir, paths, 1, cancelled=False)
+    end = describe_end(gdir, 2, paths, 1, cancelled=False)
     assert end.output is None and end.stage == "training" and not end.recoveries
     assert end.message == (
         "rank 1 of 2 was killed by SIGKILL during training (step 5 of 9); checkpoint at step 4 kept, "
         "resubmit the same job_id to resume"
     )
     gdir.write_exit(RankExit(1, "error", "disk I/O error"))
-    assert describe_end(gdir, paths, 1, cancelled=False).message.startswith(
+    assert describe_end(gdir, 2, paths, 1, cancelled=False).message.startswith(
         "rank 1 of 2 failed: disk I/O error during training (step 5 of 9)"
     )
     oom = Recovery(5, 512, 4, 2, "OutOfMemoryError: CUDA out of memory")
     gdir.write_exit(RankExit(0, "out_of_memory", "rank 0 ran out of memory at step 5", (oom,)))
-    assert describe_end(gdir, paths, 1, cancelled=False).recoveries == (oom,)
+    assert describe_end(gdir, 2, paths, 1, cancelled=False).recoveries == (oom,)
 
 
 # ----------------------------------------------------------------------------- whole jobs
@@ -123,7 +127,7 @@ def test_a_dry_run_plans_for_every_process_without_launching_them(tiny_model, sm
     for estimate in plan["estimates"]:  # every GPU of the job is paid for
         assert estimate["gpus"] == 2
         assert estimate["cost_usd"] == pytest.approx(estimate["seconds"]["total"] / 3600 * 4.0 * 2, abs=0.01)
-    assert not (tmp_path / "jobs" / "plan" / "group").exists()
+    assert result["gpu"] == "2x cpu" and not (tmp_path / "jobs" / "plan" / "group.log").exists()
 
 
 def job(tiny_model, small_dataset, job_id: str, processes: int) -> dict:
@@ -155,8 +159,8 @@ def assert_same_curve(result: dict, reference: dict) -> None:
     )
 
 
-def rank_processes(group_dir: Path) -> dict[int, int]:
-    """pid -> rank of the live rank processes of one job's group (read from /proc)."""
+def rank_processes(volume: Path) -> dict[int, int]:
+    """pid -> rank of the live rank processes of the jobs on one volume (read from /proc)."""
     found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -166,7 +170,7 @@ def rank_processes(group_dir: Path) -> dict[int, int]:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"lora_worker.runtime.parallel.rank" in cmdline and str(group_dir).encode() in cmdline:
+        if b"lora_worker.runtime.parallel.rank" in cmdline and f"VOLUME_DIR={volume}".encode() in environ:
             rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), -1)
             found[int(proc.name)] = rank
     return found
@@ -205,7 +209,7 @@ def test_two_processes_train_the_same_steps_as_one(tiny_model, small_dataset, tm
     assert result["status"] == "completed", result
     assert_same_curve(result, reference)
     assert result["gpu"] == "2x cpu" and result["metrics"]["steps"] == reference["metrics"]["steps"]
-    assert not rank_processes(tmp_path / "jobs" / "two" / "group")
+    assert not rank_processes(tmp_path)
     # rank 0 alone wrote the job: one attempt, one event sequence, checkpoints with every rank's RNG
     (attempt,) = result["attempts"]
     assert attempt["status"] == "completed" and attempt["gpu"] == "2x cpu"
@@ -227,7 +231,7 @@ def test_cancel_stops_both_ranks_and_one_process_resumes_on_the_same_curve(
     assert not thread.is_alive(), "the cancelled job did not end"
     assert box["status"] == "cancelled", box
     assert "checkpoint at step" in box["message"] and "kept" in box["message"]
-    assert not rank_processes(root / "group"), "a rank outlived the cancelled job"
+    assert not rank_processes(tmp_path), "a rank outlived the cancelled job"
     kept = sorted(step_of(p.parent) for p in (root / "checkpoints").glob(f"checkpoint-*/{COMPLETE_MARKER}"))
     assert kept and kept[-1] < reference["metrics"]["steps"]
 
@@ -259,7 +263,7 @@ def test_a_killed_rank_fails_the_job_naming_it(tiny_model, small_dataset, tmp_pa
     root = tmp_path / "jobs" / "killed"
     thread, box = in_thread(job(tiny_model, small_dataset, "killed", 2), settings, threading.Event())
     kept = wait_for_checkpoint(root, thread)
-    (rank1,) = [pid for pid, rank in rank_processes(root / "group").items() if rank == 1]
+    (rank1,) = [pid for pid, rank in rank_processes(tmp_path).items() if rank == 1]
     os.kill(rank1, signal.SIGKILL)
     killed_at = time.monotonic()
     thread.join(JOB_END_S)
@@ -273,7 +277,37 @@ def test_a_killed_rank_fails_the_job_naming_it(tiny_model, small_dataset, tmp_pa
     assert stored["status"] == "failed" and stored["error"] == box["error"]
     (attempt,) = stored["attempts"]
     assert attempt["status"] == "failed" and attempt["seconds"] > 0
-    assert not rank_processes(root / "group"), "rank 0 outlived the failed job"
+    assert not rank_processes(tmp_path), "rank 0 outlived the failed job"
+    log = (root / "group.log").read_text()  # the group's output, kept beside the failure
+    assert "rank0 " in log and "'rank': 1, 'exitcode': -9" in log
+
+
+@pytest.mark.e2e
+def test_a_worker_that_dies_takes_its_process_group_with_it(tiny_model, small_dataset, tmp_path):
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"input": job(tiny_model, small_dataset, "orphan", 2)}))
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "lora_worker", "run", str(spec)],
+        cwd=REPO,
+        env={**os.environ, "VOLUME_DIR": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + JOB_END_S
+        while not list(
+            (tmp_path / "jobs" / "orphan" / "checkpoints").glob(f"checkpoint-*/{COMPLETE_MARKER}")
+        ):
+            assert worker.poll() is None and time.monotonic() < deadline, "no checkpoint while the worker ran"
+            time.sleep(0.05)
+        assert len(rank_processes(tmp_path)) == 2
+    finally:
+        worker.kill()
+        worker.wait()
+    deadline = time.monotonic() + 90  # the agent sees its parent gone within 0.5 s, then stops its ranks
+    while rank_processes(tmp_path):
+        assert time.monotonic() < deadline, f"ranks outlived their worker: {rank_processes(tmp_path)}"
+        time.sleep(0.2)
 
 
 INJECT_OOM = """

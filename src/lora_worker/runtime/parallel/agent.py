@@ -28,7 +28,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from lora_worker.runtime.files import atomic_write_json
-from lora_worker.runtime.parallel.rundir import GroupDir
+from lora_worker.runtime.parallel.rundir import GroupDir, LaunchRequest
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s agent: %(message)s")
     group = GroupDir(Path(argv[0]))
-    request = group.request()
+    request = LaunchRequest.from_env()
     # SIGTERM to itself: the elastic agent then stops every rank before it exits
     watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     entry = ("-m", "lora_worker.runtime.parallel.rank", str(group.root))

@@ -3,7 +3,7 @@ and tear it down with the job.
 
 One group per job, started with torchrun's own launcher (agent.py) in a session of its own. The
 worker holds the job folder's claim for the whole time; rank 0 writes the job's result and its
-output (`group/output.json`), which is what the worker returns. When the group ends without one,
+output (rundir.py), which is what the worker returns. When the group ends without one,
 `GroupEnd` says how (which rank, which signal or error, at which stage and step) and the caller
 writes and announces the failure like any other.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,8 +113,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in values.items()}
 
 
-def group_environment(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {**(os.environ if base is None else base), **settings_env(settings)}
+def group_environment(
+    settings: Settings, request: LaunchRequest, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    env = {**(os.environ if base is None else base), **settings_env(settings), **request.as_env()}
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N ranks must not each take every core
     return env
 
@@ -127,11 +130,16 @@ def launch_group(
     max_seconds: float,
 ) -> GroupEnd:
     """Run the job on `request.processes` ranks to its end; relaunch after an out-of-memory error."""
-    gdir = GroupDir(paths.root / "group")
     while True:
         request = replace(request, launched_at=time.time())
-        gdir.fresh(request)
-        end = run_once(gdir, paths, settings, cancel=cancel, max_seconds=max_seconds)
+        gdir = GroupDir.create(paths.job_id)
+        try:
+            end = run_once(gdir, request, paths, settings, cancel=cancel, max_seconds=max_seconds)
+            if end.output is None:  # the ranks' output is the first thing to read about a failure
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(gdir.log, paths.root / "group.log")
+        finally:
+            shutil.rmtree(gdir.root, ignore_errors=True)
         if end.output is not None or not end.recoveries or cancel.is_set():
             return end
         log.warning(
@@ -142,12 +150,18 @@ def launch_group(
 
 
 def run_once(
-    gdir: GroupDir, paths: JobPaths, settings: Settings, *, cancel: threading.Event, max_seconds: float
+    gdir: GroupDir,
+    request: LaunchRequest,
+    paths: JobPaths,
+    settings: Settings,
+    *,
+    cancel: threading.Event,
+    max_seconds: float,
 ) -> GroupEnd:
     with open(gdir.log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lora_worker.runtime.parallel.agent", str(gdir.root)],
-            env=group_environment(settings),
+            env=group_environment(settings, request),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own session: signals to the worker's group do not reach it
@@ -160,7 +174,7 @@ def run_once(
     output = gdir.output()
     if output is not None:
         return GroupEnd(output)
-    return describe_end(gdir, paths, proc.returncode, cancelled)
+    return describe_end(gdir, request.processes, paths, proc.returncode, cancelled)
 
 
 def wait_for(proc: subprocess.Popen, gdir: GroupDir, cancel: threading.Event, max_seconds: float) -> bool:
@@ -202,9 +216,10 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def describe_end(gdir: GroupDir, paths: JobPaths, returncode: int | None, cancelled: bool) -> GroupEnd:
+def describe_end(
+    gdir: GroupDir, processes: int, paths: JobPaths, returncode: int | None, cancelled: bool
+) -> GroupEnd:
     """Why the group ended without rank 0's output: a rank's note, the rank that failed first, where."""
-    processes = gdir.request().processes
     notes = gdir.exits(processes)
     progress = gdir.last_progress()
     stage = str(progress.get("stage") or "queued")

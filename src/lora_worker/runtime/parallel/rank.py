@@ -24,7 +24,7 @@ import torch.distributed as dist
 from lora_worker.runtime import job, outcomes, redaction
 from lora_worker.runtime.device import detect_device
 from lora_worker.runtime.files import atomic_write_json
-from lora_worker.runtime.jobdir import JobPaths
+from lora_worker.runtime.jobdir import JobPaths, JobRefused
 from lora_worker.runtime.model.load import load_tokenizer
 from lora_worker.runtime.model.prepare import load_for_training
 from lora_worker.runtime.parallel.agent import watch_parent
@@ -80,12 +80,16 @@ def lead(group: Group, request: LaunchRequest, gdir: GroupDir, settings: Setting
     poll_flag(gdir.cancel_flag, cancel)
     spec = job_spec(request)
     paths = JobPaths(settings.job_dir(spec.job_id), spec.job_id)
+    device = detect_device()
     try:
         output = job.run_claimed(
-            spec, paths, detect_device(), settings, runpod_job=request.runpod_job, cancel=cancel,
+            spec, paths, device, settings, runpod_job=request.runpod_job, cancel=cancel,
             channels=(ProgressFile(gdir),), processes=group.ranks.world, group=group,
             held_s=max(0.0, time.time() - request.launched_at) if request.launched_at else 0.0,
         )  # fmt: skip
+    except JobRefused as err:  # as in one process: the refusal goes to this delivery only
+        log.warning("job %s: %s", spec.job_id, err)
+        output = outcomes.refused(spec.job_id, str(err), device)
     finally:
         group.hand_off(None)  # the job ended before training: the other ranks exit
     atomic_write_json(gdir.output_file, output)
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     watch_parent(lambda: os._exit(ORPHANED_EXIT))
     gdir = GroupDir(Path(argv[0]))
-    request = gdir.request()
+    request = LaunchRequest.from_env()
     settings = Settings.from_env()
     try:
         spec = job_spec(request)

@@ -1,26 +1,35 @@
-"""The files through which the worker and one launch of a job's process group talk: `jobs/<job_id>/group/`.
+"""How the worker and one launch of a job's process group talk: the request in the environment, and a
+private folder on the worker's local disk (not the job folder: a delivery refused by rank 0 touches
+nothing of the job), removed when the group has ended.
 
-    launch.json      what every rank runs (the job input, the RunPod job, earlier out-of-memory splits)
+    $LORA_WORKER_GROUP_REQUEST  what every rank runs: the job input (presigned URLs included, so it
+                     is never written to a file), the RunPod job, earlier out-of-memory splits
     cancel           present once /cancel arrived; rank 0 polls it
     progress.json    rank 0's last stage and step (for a group that dies without a result)
     output.json      rank 0's output: the job ended as a job (completed, failed or cancelled)
     exit-rank<r>.json  how rank r ended when it ended on an error (out of memory, an exception)
     group-exit.json  the launcher's view: which rank failed first, with which exit code or signal
-    group.log        every rank's stdout and stderr
+    group.log        every rank's stdout and stderr (copied into the job folder when the group
+                     ended without a result)
 
-No secret is written here: the ranks read the worker's settings from their environment.
+The ranks read the worker's settings from their environment too.
 """
 
 from __future__ import annotations
 
-import shutil
+import json
+import os
 import signal
+import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lora_worker.runtime.files import atomic_write_json, read_json
 from lora_worker.runtime.training.oom import Recovery
+
+REQUEST_ENV = "LORA_WORKER_GROUP_REQUEST"
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,13 @@ class LaunchRequest:
 
     def as_json(self) -> dict:
         return {**asdict(self), "recoveries": [asdict(r) for r in self.recoveries]}
+
+    def as_env(self) -> dict[str, str]:
+        return {REQUEST_ENV: json.dumps(self.as_json())}
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LaunchRequest:
+        return cls.from_json(json.loads((os.environ if env is None else env)[REQUEST_ENV]))
 
     @classmethod
     def from_json(cls, raw: dict) -> LaunchRequest:
@@ -93,9 +109,9 @@ class RankFailure:
 class GroupDir:
     root: Path
 
-    @property
-    def launch(self) -> Path:
-        return self.root / "launch.json"
+    @classmethod
+    def create(cls, job_id: str) -> GroupDir:
+        return cls(Path(tempfile.mkdtemp(prefix=f"lora-worker-group-{job_id}-")))
 
     @property
     def cancel_flag(self) -> Path:
@@ -119,15 +135,6 @@ class GroupDir:
 
     def exit_note(self, rank: int) -> Path:
         return self.root / f"exit-rank{rank}.json"
-
-    def fresh(self, request: LaunchRequest) -> None:
-        """Empty the folder (an earlier launch's files) and write this launch's request."""
-        shutil.rmtree(self.root, ignore_errors=True)
-        self.root.mkdir(parents=True)
-        atomic_write_json(self.launch, request.as_json())
-
-    def request(self) -> LaunchRequest:
-        return LaunchRequest.from_json(read_json(self.launch))
 
     def output(self) -> dict | None:
         out = read_json(self.output_file)
