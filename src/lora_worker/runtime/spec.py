@@ -123,7 +123,7 @@ class DistributedOptions(_Strict):
     num_processes: int | None = Field(
         None,
         ge=1,
-        le=16,
+        le=8,  # the most GPUs of one type a RunPod host has (tools/deploy.py)
         description="Processes (one per GPU) that train the job, data parallel: each holds the whole NF4 model "
         "and trains its share of every optimizer step's micro-batches. Default: every visible GPU, 1 on the CPU.",
     )
