@@ -304,31 +304,21 @@ def train(
     if any(isinstance(cb, CheckpointCallback) for cb in callbacks):
         raise ValueError("train() installs the CheckpointCallback itself; do not pass one")
     t0 = time.monotonic()
-    lead = ranks is None or ranks.is_zero
     world = ranks.world if ranks else 1
     resume = resume or find_resumable(cfg.output_dir)
-    if lead:
+    if ranks is None or ranks.is_zero:
         clean_incomplete(cfg.output_dir)
         log.info("%s", resume.reason)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    schedule = make_schedule(plan_batches(examples, cfg), cfg.num_epochs, cfg.seed)
-    run_cfg = cfg
+    schedule, run_cfg = make_schedule(plan_batches(examples, cfg), cfg.num_epochs, cfg.seed), cfg
     for _ in recoveries:  # an earlier launch's splits: same steps, smaller micro-batches
         schedule = split_schedule(schedule)
         run_cfg = replace(run_cfg, gradient_accumulation_steps=run_cfg.gradient_accumulation_steps * 2)
     optimizer = build_optimizer(model, training_arguments(cfg, device))
     total = steps_per_epoch(len(schedule), run_cfg.gradient_accumulation_steps)
     scheduler = build_scheduler(optimizer, total_steps=total, warmup_ratio=cfg.warmup_ratio)
-    phase, guard = StepPhase(), NonFiniteGuard()
-    saver = CheckpointCallback(
-        cfg.output_dir, minutes=cfg.checkpoint_minutes, keep=cfg.keep_checkpoints, ranks=ranks
-    )
-    # order matters: StepPhase first (it must see every step end), the saver after every callback
-    # that may ask for a save, the guard last so nothing re-enables a save after a NaN, and rank 0's
-    # decisions broadcast after all of them
-    agree = [RankZeroDecides(ranks)] if ranks else []
-    reports = reporting_callbacks(cfg) if lead else []
-    all_callbacks = [phase, JobEpochs(cfg.num_epochs), *callbacks, saver, guard, *agree, *reports]
+    phase = StepPhase()
+    all_callbacks = _with_installed(callbacks, phase, cfg, ranks)
     offload = install_activation_offload(model) if cfg.activation_offload else None
     recoveries = list(recoveries)
     start = str(resume.checkpoint) if resume.checkpoint else None
@@ -369,6 +359,19 @@ def train(
     finally:
         if offload is not None:
             offload.remove()
+
+
+def _with_installed(callbacks: list, phase: StepPhase, cfg: TrainConfig, ranks: Ranks | None) -> list:
+    """The caller's callbacks among those train() installs. Order matters: StepPhase first (it must
+    see every step end), the saver after every callback that may ask for a save, the guard last so
+    nothing re-enables a save after a NaN, then rank 0's decisions broadcast to the other ranks, and
+    the reporting integrations (rank 0 only) after JobEpochs has rewritten the epochs."""
+    saver = CheckpointCallback(
+        cfg.output_dir, minutes=cfg.checkpoint_minutes, keep=cfg.keep_checkpoints, ranks=ranks
+    )
+    agree = [RankZeroDecides(ranks)] if ranks else []
+    reports = reporting_callbacks(cfg) if ranks is None or ranks.is_zero else []
+    return [phase, JobEpochs(cfg.num_epochs), *callbacks, saver, NonFiniteGuard(), *agree, *reports]
 
 
 def _recovery_point(trainer, model, folder: Path, checkpoints: Path, start: str | None) -> str | None:
