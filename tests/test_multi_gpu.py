@@ -25,9 +25,10 @@ from conftest import REPO, small_job
 from lora_worker.runtime.device import Device
 from lora_worker.runtime.job import run_job
 from lora_worker.runtime.jobdir import JobPaths
+from lora_worker.runtime.model.memory import GpuMemoryError, estimate_memory
 from lora_worker.runtime.parallel.launch import describe_end, group_environment, group_size
 from lora_worker.runtime.parallel.rundir import GroupDir, LaunchRequest, RankExit
-from lora_worker.runtime.plan import _padding_warnings
+from lora_worker.runtime.plan import check_fits_each, padding_warnings
 from lora_worker.runtime.settings import Settings
 from lora_worker.runtime.spec import JobInputError, parse_job_input
 from lora_worker.runtime.training.checkpoints import COMPLETE_MARKER, step_of
@@ -59,8 +60,8 @@ def test_each_step_splits_across_ranks_without_changing_its_examples(accumulatio
 
 
 def test_padding_is_named_in_the_plan():
-    assert _padding_warnings(4, 2) == []
-    (text,) = _padding_warnings(3, 2)
+    assert padding_warnings(4, 2) == []
+    (text,) = padding_warnings(3, 2)
     assert "gradient_accumulation_steps 3 is not a multiple of the 2 processes" in text
     assert "1 empty micro-batch," in text and "75%" in text and "4 would keep every one busy" in text
 
@@ -75,6 +76,21 @@ def test_processes_default_to_the_visible_gpus_and_cannot_exceed_them():
         JobInputError, match="distributed.num_processes: 2 processes need 2 GPUs; this worker has 1"
     ):
         group_size(two, Device("cuda", "H100", count=1))
+
+
+def test_the_memory_pre_flight_is_per_card_and_says_more_gpus_do_not_help():
+    llama3_70b = {
+        "num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 28672, "vocab_size": 128256,
+        "num_attention_heads": 64, "num_key_value_heads": 8,
+    }  # fmt: skip
+    memory = estimate_memory(llama3_70b, lora_r=16, micro_batch_tokens=8192)
+    small = Device("cuda", "NVIDIA L4", count=4, free_bytes=22 * 1024**3)
+    with pytest.raises(GpuMemoryError) as one:
+        check_fits_each(memory, small, 1)
+    assert "More GPUs" not in str(one.value)
+    with pytest.raises(GpuMemoryError, match="with 4 processes each GPU holds the whole model"):
+        check_fits_each(memory, small, 4)
+    check_fits_each(memory, Device("cuda", "H100", count=2, free_bytes=79 * 1024**3), 2)  # fits each card
 
 
 def test_the_ranks_get_the_settings_and_the_input_through_their_environment(tmp_path):

@@ -20,7 +20,7 @@ from lora_worker.runtime.device import Device
 from lora_worker.runtime.evaluation.evidence import JudgeSettings, estimate_judge
 from lora_worker.runtime.evaluation.scenarios import Scenario
 from lora_worker.runtime.gpu_rates import estimate as rate_estimate
-from lora_worker.runtime.model.memory import check_fits, estimate_memory
+from lora_worker.runtime.model.memory import GpuMemoryError, MemoryEstimate, check_fits, estimate_memory
 from lora_worker.runtime.model.resolve import ModelMeta
 from lora_worker.runtime.settings import Settings
 from lora_worker.runtime.spec import JobSpec
@@ -153,7 +153,7 @@ def plan_job(
         activation_offload=spec.training.activation_offload,
     )
     if device.is_cuda:
-        check_fits(memory, free_bytes=device.free_bytes, margin_gib=MEMORY_MARGIN_GIB)
+        check_fits_each(memory, device, processes)
     tokens = data.summary.tokens_total * hp.num_epochs
     # the evidence stage as it would run on a GPU (scenarios, judge), for every card in the table
     judge = estimate_judge(
@@ -181,7 +181,7 @@ def plan_job(
         )
         if w
     ]
-    warnings += _limit_warnings(here, spec) + _padding_warnings(hp.gradient_accumulation_steps, processes)
+    warnings += _limit_warnings(here, spec) + padding_warnings(hp.gradient_accumulation_steps, processes)
     warnings += judge.warnings
     return Plan(
         micro_batches_per_epoch=len(batches),
@@ -200,6 +200,19 @@ def plan_job(
         assumptions=ASSUMPTIONS + (PARALLEL_ASSUMPTIONS if processes > 1 else []),
         warnings=warnings,
     )
+
+
+def check_fits_each(memory: MemoryEstimate, device: Device, processes: int) -> None:
+    """The one-card pre-flight: data parallel puts the whole model and one micro-batch on every card."""
+    try:
+        check_fits(memory, free_bytes=device.free_bytes, margin_gib=MEMORY_MARGIN_GIB)
+    except GpuMemoryError as err:
+        if processes == 1:
+            raise
+        raise GpuMemoryError(
+            f"{err} More GPUs do not help here: with {processes} processes each GPU holds the whole model "
+            "(data parallel); sharding the model across GPUs (FSDP-QLoRA) is not available in this worker."
+        ) from None
 
 
 ASSUMPTIONS = [
@@ -275,7 +288,7 @@ def _weights_bytes(config: dict) -> float:
     return _flops_per_token(config) / 6.0 * 2
 
 
-def _padding_warnings(accumulation: int, processes: int) -> list[str]:
+def padding_warnings(accumulation: int, processes: int) -> list[str]:
     """Processes left without a micro-batch in each optimizer step wait for the others."""
     pad = padding_per_step(accumulation, processes)
     if pad == 0:
