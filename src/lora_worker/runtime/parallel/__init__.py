@@ -5,5 +5,6 @@
            ├─ rank 0: the whole job story            rank.py: lead -> job.run_claimed
            └─ rank 1..N-1: load, train, exit         rank.py: follow -> training.trainer.train
 
-Files of one launch live in `jobs/<job_id>/group/` (rundir.py).
+The request travels in the ranks' environment; the files of one launch live in a private folder
+on the worker's local disk (rundir.py).
 """
