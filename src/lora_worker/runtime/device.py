@@ -10,6 +10,8 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 
+import torch
+
 GiB = 1024**3
 
 
@@ -31,8 +33,6 @@ class Device:
 
 
 def detect_device() -> Device:
-    import torch
-
     if not torch.cuda.is_available():
         return Device("cpu", "cpu")
     free, total = torch.cuda.mem_get_info(0)
@@ -43,8 +43,6 @@ def require_cuda(device: Device) -> None:
     """Raise NoGpuError naming the likely cause, when no CUDA device is usable."""
     if device.is_cuda:
         return
-    import torch
-
     built = torch.version.cuda
     cause = (
         f"this image's torch is built for CUDA {built}; the usual cause is a host driver older than "
@@ -63,8 +61,6 @@ def free_accelerator_memory() -> None:
 
     Callers drop their own references first: a reference held here would keep the model alive.
     """
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -74,8 +70,6 @@ def is_out_of_memory(err: BaseException) -> bool:
     """True for both forms an accelerator out-of-memory takes: torch's `OutOfMemoryError` (the
     caching allocator) and a `RuntimeError` such as "CUDA error: out of memory" (a kernel or a
     library that allocates outside the caching allocator, e.g. cuBLAS workspaces or bitsandbytes)."""
-    import torch
-
     if isinstance(err, torch.OutOfMemoryError):
         return True
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
@@ -93,8 +87,6 @@ def out_of_memory_message(err: BaseException) -> str | None:
 
 def peak_memory_gib() -> float | None:
     """Peak memory PyTorch allocated on CUDA device 0 in this process (GiB), or None on the CPU."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
     return round(torch.cuda.max_memory_allocated(0) / GiB, 2)

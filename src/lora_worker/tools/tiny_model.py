@@ -8,7 +8,12 @@ no download.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 # The Llama 3 Instruct chat template, as shipped in meta-llama/Meta-Llama-3-70B-Instruct.
 LLAMA3_CHAT_TEMPLATE = (
@@ -45,8 +50,6 @@ user assistant system: What should I do first? How much should I save each month
 
 def build_tokenizer(vocab_size: int = 1024):
     """A fast byte-level BPE tokenizer with Llama 3's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -71,8 +74,6 @@ def build_tokenizer(vocab_size: int = 1024):
 
 def build_tiny_model(out_dir: str | Path, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
     """Write a tiny random-weight `LlamaForCausalLM` and its tokenizer to `out_dir`; returns the path."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,8 +106,6 @@ def build_tiny_model(out_dir: str | Path, *, layers: int = 2, hidden: int = 64, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m lora_worker tiny-model", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--layers", type=int, default=2)

@@ -23,6 +23,8 @@ from lora_worker.runtime.data import (
 from lora_worker.runtime.data.fetch import local_dataset
 from lora_worker.runtime.data.formats import FORMATS
 from lora_worker.runtime.data.prepare import summary_rows
+from lora_worker.runtime.model.load import load_tokenizer
+from lora_worker.tools.tiny_model import build_tokenizer
 
 TINY_TOKENIZER = "tiny byte-level BPE (not Llama 3's; pass --tokenizer for real counts)"
 
@@ -71,12 +73,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _tokenizer(directory: str | None):
     if directory is None:
-        from lora_worker.tools.tiny_model import build_tokenizer
-
         return build_tokenizer(), TINY_TOKENIZER
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory, trust_remote_code=False), directory
+    return load_tokenizer(directory), directory  # as a job loads it: custom tokenizer code refused
 
 
 def _print_text(path: str, summary: DatasetSummary | None, problems: list[str]) -> None:
