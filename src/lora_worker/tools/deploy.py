@@ -61,7 +61,7 @@ def cuda_versions_from(minimum: str) -> list[str]:
 
 
 DEFAULT_CUDA_VERSIONS = cuda_versions_from(IMAGE_CUDA)
-# One GPU per worker: the job trains on one card (a 4-bit 70B fits on an 80 GB GPU).
+# One GPU per worker by default: a 4-bit 70B fits on an 80 GB card; with more, jobs train data parallel.
 DEFAULT_GPU_COUNT = 1
 MAX_GPU_COUNT = 8  # the most GPUs of one type a RunPod host has
 
@@ -125,7 +125,8 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_GPU_COUNT,
         metavar="N",
-        help=f"GPUs per worker (1-{MAX_GPU_COUNT}, default {DEFAULT_GPU_COUNT}); the job trains on one",
+        help=f"GPUs per worker (1-{MAX_GPU_COUNT}, default {DEFAULT_GPU_COUNT}); a job trains on all of them, "
+        "data parallel (distributed.num_processes for fewer)",
     )
     p.add_argument(
         "--allowed-cuda-versions",
