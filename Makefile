@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip --disable-pip-version-check --progress-bar off
+PIP_INSTALL := $(PY) -m pip --disable-pip-version-check install --progress-bar off
 TINY := build/tiny-llama
 
 .PHONY: demo test test-fast lint format validate clean
@@ -12,10 +12,10 @@ $(VENV)/.installed: builder/requirements.txt builder/requirements-cpu.txt builde
 	@echo "== setting up $(VENV) (first run only: about 2-4 minutes, most of it torch)"
 	$(PYTHON) -m venv $(VENV)
 	@echo "== torch, CPU build (builder/requirements-cpu.txt)"
-	$(PIP) install --no-deps -r builder/requirements-cpu.txt
+	$(PIP_INSTALL) --no-deps -r builder/requirements-cpu.txt
 	@echo "== the pinned dependencies (builder/requirements-dev.txt)"
-	$(PIP) install -r builder/requirements-dev.txt
-	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	$(PIP_INSTALL) -r builder/requirements-dev.txt
+	$(PIP_INSTALL) --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 $(TINY)/config.json: $(VENV)/.installed src/lora_worker/tools/tiny_model.py
