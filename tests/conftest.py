@@ -76,14 +76,17 @@ def merge_groups(job: dict, **over) -> dict:
 
 
 class Recorder:
-    """An event channel that keeps every event the job sends, in order (for tests)."""
+    """An event channel that keeps every event the job sends, in order, with its kind
+    ("progress", "stage" or "final") in `kinds` (for tests)."""
 
     def __init__(self, on_event=None):
         self.events: list[dict] = []
+        self.kinds: list[str] = []
         self.on_event = on_event
 
     def send(self, event, *, kind):
         self.events.append(dict(event))
+        self.kinds.append(kind)
         if self.on_event:
             self.on_event(event)
 

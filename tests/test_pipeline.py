@@ -68,7 +68,7 @@ def job_run(tiny_model, tmp_path_factory):
     job_dir = volume / "jobs" / job["job_id"]
     return dict(
         result=result, job=job, job_dir=job_dir, settings=settings, hooks=hooks, store=store,
-        events=recorder.events, logs=capture.lines,
+        events=recorder.events, kinds=recorder.kinds, logs=capture.lines,
     )  # fmt: skip
 
 
@@ -185,15 +185,21 @@ def test_webhooks_verify_at_arrival_in_order_and_end_with_the_result(job_run):
     assert final["status"] == "completed" and final["percent"] == 100.0
     assert final["lora_artifact_path"] == result["lora_artifact_path"]
     assert final["output"] == json.loads((job_dir / "result.json").read_text())
-    trained = [e for e in events if e.get("metrics")]
+    trained = [e for e in job_run["events"] if e.get("metrics")]  # the webhooks may skip some (below)
     assert trained and set().union(*(e["metrics"] for e in trained)) <= {
         "loss",
         "learning_rate",
         "grad_norm",
         "epoch",
     }
-    # every event also went to the other channels, in the same order
-    assert [e["sequence"] for e in job_run["events"]] == [e["sequence"] for e in events]
+    # The webhooks carry the job's events in the same order. Every stage and final event arrives;
+    # a progress event may be skipped when a newer one already waits behind it (the sender drops
+    # superseded progress, so a slow receiver or a busy machine never delays newer state).
+    recorded = job_run["events"]
+    sent = [e["sequence"] for e in events]
+    assert set(sent) <= {e["sequence"] for e in recorded}
+    kinds = dict(zip((e["sequence"] for e in recorded), job_run["kinds"], strict=True))
+    assert {s for s, kind in kinds.items() if kind != "progress"} <= set(sent)
 
 
 def test_the_dashboard_stores_every_event_of_the_job(job_run, dashboard_db):
