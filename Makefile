@@ -26,7 +26,7 @@ $(TINY)/config.json: $(VENV)/.installed src/lora_worker/tools/tiny_model.py
 # first, since resubmitting a job id returns its stored result.
 demo: $(TINY)/config.json
 	rm -rf .volume/jobs/local_test
-	@echo "== the demo job (about 3 minutes on 2 CPU cores); progress lines follow"
+	@echo "== the demo job (about 2 minutes on 2 CPU cores); progress lines follow"
 	VOLUME_DIR=.volume $(PY) -u handler.py
 
 # Every test: ruff, then pytest (unit, CPU end-to-end jobs on the tiny model, loopback servers,
