@@ -28,7 +28,7 @@ from lora_worker.runtime.plan import Plan
 from lora_worker.runtime.settings import Settings
 from lora_worker.runtime.spec import JobInputError, JobSpec
 from lora_worker.runtime.tasks.adapter_source import AdapterSourceError
-from lora_worker.runtime.training.checkpoints import complete_checkpoints, step_of
+from lora_worker.runtime.training.checkpoints import kept_note
 from lora_worker.runtime.training.trainer import TrainOutcome
 from lora_worker.runtime.volume_lock import LockTimeoutError
 
@@ -100,13 +100,10 @@ def check_training(outcome: TrainOutcome, paths: JobPaths) -> None:
     if outcome.stopped_reason == "cancelled":
         raise JobCancelled()
     if outcome.stopped_reason:
-        kept = complete_checkpoints(paths.checkpoints)
-        where = (
-            f"; a checkpoint at step {step_of(kept[-1])} is kept and resubmitting the same job_id resumes it"
-            if kept
-            else "; no checkpoint was kept"
+        raise JobFailed(
+            f"training stopped at step {outcome.global_step}: {outcome.stopped_reason}"
+            + kept_note(paths.checkpoints)
         )
-        raise JobFailed(f"training stopped at step {outcome.global_step}: {outcome.stopped_reason}{where}")
     if outcome.adapter_update_norm == 0.0:
         raise JobFailed(
             f"the adapter did not change: {outcome.global_step} optimizer step(s) left every LoRA weight at "
@@ -190,13 +187,8 @@ def replay(stored: dict) -> JobResult:
 def cancelled(
     spec: JobSpec, paths: JobPaths, reporter: Reporter, warnings: list[str], timings: dict
 ) -> JobResult:
-    kept = complete_checkpoints(paths.checkpoints)
     where = f"cancelled during {reporter.current_stage}"
-    message = (
-        f"{where}; checkpoint at step {step_of(kept[-1])} kept, resubmit the job_id to resume"
-        if kept
-        else f"{where}, before any checkpoint"
-    )
+    message = where + kept_note(paths.checkpoints, none=", before any checkpoint")
     return JobResult(
         job_id=spec.job_id,
         status="cancelled",

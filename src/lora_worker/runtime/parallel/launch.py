@@ -34,7 +34,7 @@ from lora_worker.runtime.jobdir import JobPaths
 from lora_worker.runtime.parallel.rundir import GroupDir, LaunchRequest, RankExit, RankFailure
 from lora_worker.runtime.settings import Settings
 from lora_worker.runtime.spec import JobInputError, JobSpec
-from lora_worker.runtime.training.checkpoints import complete_checkpoints, step_of
+from lora_worker.runtime.training.checkpoints import kept_note
 from lora_worker.runtime.training.oom import Recovery
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def describe_end(
         what = f"cancelled during {where}; the process group was stopped"
     else:
         what = f"{_first_failure(notes, gdir.failures(), returncode, processes)} during {where}"
-    return GroupEnd(None, what + _kept(paths), stage, cancelled)
+    return GroupEnd(None, what + kept_note(paths.checkpoints), stage, cancelled)
 
 
 def _rank_story(note: RankExit, processes: int) -> str:
@@ -254,10 +254,3 @@ def _first_failure(
     if notes:
         return _rank_story(notes[0], processes)
     return f"the job's process group ended without a result (launcher exit code {returncode})"
-
-
-def _kept(paths: JobPaths) -> str:
-    kept = complete_checkpoints(paths.checkpoints)
-    if not kept:
-        return "; no checkpoint was kept"
-    return f"; checkpoint at step {step_of(kept[-1])} kept, resubmit the same job_id to resume"

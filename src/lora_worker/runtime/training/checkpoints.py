@@ -61,6 +61,15 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return [p for p in checkpoint_dirs(folder) if is_complete(p)]
 
 
+def kept_note(folder: Path, none: str = "; no checkpoint was kept") -> str:
+    """What a job that ended early tells its user about resuming: the newest complete checkpoint
+    in `folder`, or `none` when there is none."""
+    kept = complete_checkpoints(folder)
+    if not kept:
+        return none
+    return f"; checkpoint at step {step_of(kept[-1])} kept, resubmit the same job_id to resume"
+
+
 def write_marker(ckpt: Path, *, step: int) -> None:
     """Record every file of a finished checkpoint (size and SHA-256), atomically, as its marker."""
     files = {
