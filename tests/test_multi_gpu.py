@@ -208,6 +208,18 @@ def wait_for_checkpoint(job_root: Path, thread: threading.Thread) -> int:
     return step_of(done[0].parent)
 
 
+def cancel_at_first_checkpoint(job_input: dict, settings: Settings) -> dict:
+    """Run `job_input`, send /cancel once its first checkpoint is complete; its result."""
+    cancel = threading.Event()
+    thread, box = in_thread(job_input, settings, cancel)
+    wait_for_checkpoint(settings.job_dir(job_input["job_id"]), thread)
+    cancel.set()
+    thread.join(JOB_END_S)
+    assert not thread.is_alive(), "the cancelled job did not end"
+    assert box["status"] == "cancelled", box
+    return box
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model, small_dataset, tmp_path_factory) -> dict:
     volume = tmp_path_factory.mktemp("reference")
@@ -239,13 +251,8 @@ def test_cancel_stops_both_ranks_and_one_process_resumes_on_the_same_curve(
     tiny_model, small_dataset, tmp_path, reference
 ):
     settings = Settings.from_env({"VOLUME_DIR": str(tmp_path)})
-    root, cancel = tmp_path / "jobs" / "moved", threading.Event()
-    thread, box = in_thread(job(tiny_model, small_dataset, "moved", 2), settings, cancel)
-    wait_for_checkpoint(root, thread)
-    cancel.set()
-    thread.join(JOB_END_S)
-    assert not thread.is_alive(), "the cancelled job did not end"
-    assert box["status"] == "cancelled", box
+    root = tmp_path / "jobs" / "moved"
+    box = cancel_at_first_checkpoint(job(tiny_model, small_dataset, "moved", 2), settings)
     assert "checkpoint at step" in box["message"] and "kept" in box["message"]
     assert not rank_processes(tmp_path), "a rank outlived the cancelled job"
     kept = sorted(step_of(p.parent) for p in (root / "checkpoints").glob(f"checkpoint-*/{COMPLETE_MARKER}"))
@@ -260,12 +267,7 @@ def test_cancel_stops_both_ranks_and_one_process_resumes_on_the_same_curve(
 @pytest.mark.e2e
 def test_a_one_process_checkpoint_resumes_on_two(tiny_model, small_dataset, tmp_path, reference):
     settings = Settings.from_env({"VOLUME_DIR": str(tmp_path)})
-    root, cancel = tmp_path / "jobs" / "grown", threading.Event()
-    thread, box = in_thread(job(tiny_model, small_dataset, "grown", 1), settings, cancel)
-    wait_for_checkpoint(root, thread)
-    cancel.set()
-    thread.join(JOB_END_S)
-    assert box["status"] == "cancelled", box
+    cancel_at_first_checkpoint(job(tiny_model, small_dataset, "grown", 1), settings)
 
     resumed = run_job(job(tiny_model, small_dataset, "grown", 2), settings=settings)
     assert resumed["status"] == "completed", resumed
