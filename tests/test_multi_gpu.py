@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, small_job
+from conftest import REPO, small_job, two_gpus
 
 from lora_worker.runtime.device import Device
 from lora_worker.runtime.job import run_job
@@ -373,116 +373,7 @@ def test_out_of_memory_on_one_rank_relaunches_the_group_with_split_micro_batches
     assert_same_curve(result, reference)
 
 
-# ----------------------------------------------------------------------------- FSDP2
-
-# Run by torchrun (or plain python for one process): the tiny model, sharded at load by Transformers'
-# own FSDP2 (`DistributedConfig`: `fully_shard` on every decoder layer and the root) when there is
-# more than one rank, LoRA on top, trained by the stock Trainer over the project's sharded schedule.
-# Accelerate's FSDP plugin (the Trainer's `fsdp` argument) does not run on the CPU, and a model
-# sharded at load cannot checkpoint its optimizer (the Trainer refuses), so no checkpoint is saved.
-FSDP_RUN = """
-import json, os, sys
-from dataclasses import replace
-from pathlib import Path
-
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer
-from transformers.distributed import DistributedConfig
-
-sys.path.insert(0, sys.argv[3])
-from training_builders import PAD_ID, TARGETS, synthetic_examples, train_config
-
-from lora_worker.runtime.training.ranks import shard_schedule
-from lora_worker.runtime.training.schedule import build_optimizer, build_scheduler, steps_per_epoch
-from lora_worker.runtime.training.trainer import MicroBatches, make_schedule, plan_batches, training_arguments
-
-model_dir, out, _, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
-world = int(os.environ.get("WORLD_SIZE", "1"))
-device = "cuda" if mode == "qlora" else "cpu"
-if device == "cuda":
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-kwargs = {"distributed_config": DistributedConfig(fsdp_size=world)} if world > 1 else {}
-if mode == "qlora":  # FSDP-QLoRA: NF4 weights stored in the compute dtype so FSDP can shard them
-    kwargs["quantization_config"] = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16,
-    )
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **kwargs)
-model.config.use_cache = False
-for p in model.parameters():
-    p.requires_grad_(False)
-torch.manual_seed(0)
-model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"))
-
-examples = synthetic_examples(12)
-cfg = train_config(out.parent, num_epochs=2, gradient_accumulation_steps=4, micro_batch_tokens=64, max_rows=2)
-schedule = make_schedule(plan_batches(examples, cfg), cfg.num_epochs, cfg.seed)
-sharded, per_rank = shard_schedule(schedule, cfg.gradient_accumulation_steps, world)
-args = replace(training_arguments(replace(cfg, gradient_accumulation_steps=per_rank), device), save_strategy="no")
-optimizer = build_optimizer(model, args)
-total = steps_per_epoch(len(schedule), cfg.gradient_accumulation_steps)
-trainer = Trainer(
-    model=model, args=args, train_dataset=MicroBatches(examples, sharded, PAD_ID), data_collator=lambda b: b[0],
-    optimizers=(optimizer, build_scheduler(optimizer, total_steps=total, warmup_ratio=cfg.warmup_ratio)),
-)
-trainer.train()
-layer = model.base_model.model.model.layers[0]
-if int(os.environ.get("RANK", "0")) == 0:
-    out.write_text(json.dumps({
-        "layer": type(layer).__name__,
-        "losses": {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r},
-    }))
-"""
-
-
-def fsdp_losses(tmp_path: Path, tiny_model: Path, processes: int, mode: str) -> dict:
-    script = tmp_path / "fsdp_run.py"
-    script.write_text(FSDP_RUN)
-    out = tmp_path / f"fsdp-{processes}.json"
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-        if processes > 1
-        else [sys.executable]
-    )
-    args = [str(script), str(tiny_model), str(out), str(REPO / "tests"), mode]
-    done = subprocess.run(
-        [*launcher, *args], cwd=REPO, capture_output=True, text=True, timeout=JOB_END_S,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
-
-
-@pytest.mark.e2e
-def test_lora_under_fsdp2_on_two_processes_matches_one(tiny_model, tmp_path):
-    one = fsdp_losses(tmp_path, tiny_model, 1, "lora")
-    two = fsdp_losses(tmp_path, tiny_model, 2, "lora")
-    assert two["layer"] == "FSDPLlamaDecoderLayer" and one["layer"] == "LlamaDecoderLayer"
-    assert sorted(two["losses"]) == sorted(one["losses"]) and len(one["losses"]) >= 3
-    for step, loss in two["losses"].items():
-        assert loss == pytest.approx(one["losses"][step], abs=TOLERANCE), step
-
-
 # ----------------------------------------------------------------------------- GPU only
-
-
-def two_gpus() -> None:
-    import torch
-
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs two CUDA GPUs")
-
-
-@pytest.mark.gpu
-def test_qlora_under_fsdp2_on_two_gpus_matches_one(tiny_model, tmp_path):
-    """FSDP-QLoRA: NF4 weights stored as bf16 (bnb_4bit_quant_storage), sharded by FSDP2, LoRA trained."""
-    two_gpus()
-    one = fsdp_losses(tmp_path, tiny_model, 1, "qlora")
-    two = fsdp_losses(tmp_path, tiny_model, 2, "qlora")
-    assert two["layer"] == "FSDPLlamaDecoderLayer"
-    for step, loss in two["losses"].items():
-        assert loss == pytest.approx(one["losses"][step], abs=5e-3), step
 
 
 @pytest.mark.gpu
