@@ -113,13 +113,10 @@ def train_fully_sharded(model, examples, schedule, cfg, device: str, world: int)
             fully_shard(layer)
         fully_shard(model)
     optimizer = build_optimizer(model, training_arguments(cfg, device))
+    batches, accumulation = MicroBatches(examples, schedule, PAD_ID), cfg.gradient_accumulation_steps
     losses: dict[int, float] = {}
-    accumulation = cfg.gradient_accumulation_steps
     for step, start in enumerate(range(0, len(schedule), accumulation), start=1):
-        micro = [
-            MicroBatches(examples, schedule, PAD_ID)[i]
-            for i in range(start, min(start + accumulation, len(schedule)))
-        ]
+        micro = [batches[i] for i in range(start, min(start + accumulation, len(schedule)))]
         total = 0.0
         for batch in micro:
             loss = model(**batch).loss / len(micro)
