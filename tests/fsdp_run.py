@@ -37,16 +37,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, get_peft_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.distributed import DistributedConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from training_builders import PAD_ID, TARGETS, synthetic_examples, train_config  # noqa: E402
+from training_builders import PAD_ID, lora_model, synthetic_examples, train_config  # noqa: E402
 
+from lora_worker.runtime.model.load import quantization_config  # noqa: E402
 from lora_worker.runtime.training.ranks import shard_schedule  # noqa: E402
 from lora_worker.runtime.training.schedule import build_optimizer  # noqa: E402
 from lora_worker.runtime.training.trainer import (  # noqa: E402
@@ -72,18 +72,10 @@ def load(model_dir: str, mode: str, device: str, world: int):
     if mode == "lora-at-load" and world > 1:
         kwargs["distributed_config"] = DistributedConfig(fsdp_size=world)
     if mode.startswith("qlora"):
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16,
-            llm_int8_skip_modules=["lm_head"],
-        )  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **kwargs)
-    model.config.use_cache = False
-    for p in model.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(0)  # the same LoRA init on every rank and in every run
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+        nf4 = quantization_config()  # the worker's NF4 settings, stored in bf16 so FSDP can shard them
+        nf4.bnb_4bit_quant_storage = torch.bfloat16
+        kwargs["quantization_config"] = nf4
+    return lora_model(Path(model_dir), seed=0, checkpointing=False, **kwargs)
 
 
 class StepsRun(TrainerCallback):

@@ -18,18 +18,19 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PAD_ID = 645  # the tiny tokenizer's pad token
 
 
-def base_model(path: Path):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+def base_model(path: Path, **load):
+    """The model in bf16 (`load`: more `from_pretrained` arguments), frozen, without a KV cache."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **load)
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
-def lora_model(path: Path, *, seed: int = 0, checkpointing: bool = True):
+def lora_model(path: Path, *, seed: int = 0, checkpointing: bool = True, **load):
     """The tiny model in bf16 with LoRA on all seven projections and non-reentrant checkpointing,
-    the same LoRA init for the same seed."""
-    model = base_model(path)
+    the same LoRA init for the same seed (`load`: as base_model's)."""
+    model = base_model(path, **load)
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
