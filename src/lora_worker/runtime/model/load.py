@@ -30,9 +30,13 @@ log = logging.getLogger(__name__)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def quantization_config() -> BitsAndBytesConfig:
-    """The one NF4 config: the loader uses it and the NF4 copy on the volume is keyed by it."""
+def quantization_config(*, sharded: bool = False) -> BitsAndBytesConfig:
+    """The one NF4 config: the loader uses it and the NF4 copy on the volume is keyed by it.
+
+    `sharded` (FSDP-QLoRA): the packed NF4 bytes are stored as bf16 elements, the dtype of the
+    model's other weights, so FSDP can shard and all-gather them with the rest (the same values)."""
     return BitsAndBytesConfig(
+        **({"bnb_4bit_quant_storage": torch.bfloat16} if sharded else {}),
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
@@ -48,11 +52,12 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
-def load_base_model(path: str | Path, *, prequantized: bool = False):
-    """The base model in NF4 (or a saved NF4 copy), frozen, on the GPU if there is one."""
+def load_base_model(path: str | Path, *, prequantized: bool = False, sharded: bool = False):
+    """The base model in NF4 (or a saved NF4 copy), frozen, on the GPU if there is one (`sharded`:
+    stored for FSDP, see quantization_config)."""
     require_no_custom_code(Path(path), f"the model folder {path}")
     on_cuda = detect_device().is_cuda
-    kwargs = {} if prequantized else {"quantization_config": quantization_config()}
+    kwargs = {} if prequantized else {"quantization_config": quantization_config(sharded=sharded)}
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=torch.bfloat16,
@@ -65,7 +70,21 @@ def load_base_model(path: str | Path, *, prequantized: bool = False):
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
+    keep_cpu_layout(model)
     return model
+
+
+def keep_cpu_layout(model) -> None:
+    """Turn off bitsandbytes' CPU inference repack: on a CPU with AVX512-BF16 it rewrites each NF4
+    weight in place, into another layout, at its first forward without gradients. A sharded (FSDP)
+    weight is gathered anew for every forward and cannot keep the rewrite (its quantization state
+    would then describe the wrong layout), and training and evaluation on the CPU should run the
+    same kernel. On the GPU the flag has no effect."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def add_lora(
