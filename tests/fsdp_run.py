@@ -72,9 +72,8 @@ def load(model_dir: str, mode: str, device: str, world: int):
     if mode == "lora-at-load" and world > 1:
         kwargs["distributed_config"] = DistributedConfig(fsdp_size=world)
     if mode.startswith("qlora"):
-        nf4 = quantization_config()  # the worker's NF4 settings, stored in bf16 so FSDP can shard them
-        nf4.bnb_4bit_quant_storage = torch.bfloat16
-        kwargs["quantization_config"] = nf4
+        # the worker's NF4 settings, stored in bf16 so FSDP can shard them
+        kwargs["quantization_config"] = quantization_config(sharded=True)
     return lora_model(Path(model_dir), seed=0, checkpointing=False, **kwargs)
 
 

@@ -263,16 +263,20 @@ def train_job(
     outcomes.stop_if_cancelled(cancel)
     reporter.stage("model_loading")
     measure = held_out_measure(p.data, spec, p.tokenizer.pad_token_id)
-    first_eval = baseline(reporter, device, watch, measure)
-    loaded, before = load_checked(weights, p.tokenizer, spec, settings.volume_dir, first_eval)
+    shard_over = processes if p.plan.parallel_mode == "fsdp" else 1
+    handoff = Handoff(weights, spec, p.data.train, p.tokenizer.pad_token_id, p.cfg, resume, shard_over)
+    if group is not None and shard_over > 1:  # sharded: every rank loads its share beside this one
+        group.hand_off(handoff)
+    first_eval = baseline(reporter, device, watch, measure, group)
+    loaded, before = load_checked(weights, p.tokenizer, spec, settings.volume_dir, first_eval, shard_over)
     model = loaded.model
     watch.timings.update({f"model_{k}": v for k, v in loaded.timings.items()})
     warnings += loaded.warnings
     reporter.baseline(before.mean if before else None)
     outcomes.stop_if_cancelled(cancel)
     reporter.stage("training", resumed_from_step=resume.step)
-    if group is not None:  # the other ranks load the same weights and train beside this one
-        group.hand_off(Handoff(weights, spec, p.data.train, p.tokenizer.pad_token_id, p.cfg, resume))
+    if group is not None:  # the other ranks train beside this one (data parallel: load first)
+        group.start_training(handoff)
     with watch("train"):
         outcome = run_training(
             model, p.data, p.tokenizer.pad_token_id, p.cfg, spec, reporter=reporter, cancel=cancel,
@@ -280,6 +284,8 @@ def train_job(
             elapsed=attempt.seconds, hourly_usd=attempt.hourly, prior_cost_usd=attempt.total_cost() - attempt.cost(),
             ranks=group.ranks if group else None, recoveries=group.recoveries if group else (),
         )  # fmt: skip
+    if group is not None:
+        group.training_ended()
     warnings += outcome.warnings
     outcomes.check_training(outcome, paths)
     reporter.stage("evaluating")
@@ -293,7 +299,10 @@ def train_job(
     reporter.stage("saving")
     with watch("save"):
         base = base_identity(weights.model_id, weights.revision, weights.path)
-        adapter = save_adapter(model, p.tokenizer, paths.adapter, base=base, dtype=spec.output.adapter_dtype)
+        gathered = group.relay.gather(model) if group is not None and group.relay is not None else None
+        adapter = save_adapter(
+            model, p.tokenizer, paths.adapter, base=base, dtype=spec.output.adapter_dtype, weights=gathered
+        )
     if spec.output.merge:
         reporter.stage("merging")
     with watch("merge"):
@@ -394,12 +403,15 @@ def held_out_measure(data: PreparedData, spec: JobSpec, pad_id: int) -> Callable
 
 
 def baseline(
-    reporter: Reporter, device: Device, watch: Stopwatch, measure
+    reporter: Reporter, device: Device, watch: Stopwatch, measure, group: Group | None = None
 ) -> Callable[[LoadedModel], HeldOutLoss | None]:
     """The base model's held-out loss, measured once the model is loaded: a fresh adapter is the
-    identity; a warm start's adapter is disabled, so "before" is always the base itself."""
+    identity; a warm start's adapter is disabled, so "before" is always the base itself. Sharded,
+    every forward of the model from here on is announced to the other ranks (parallel/relay.py)."""
 
     def first_eval(loaded: LoadedModel) -> HeldOutLoss | None:
+        if group is not None and group.relay is not None:
+            group.relay.attach(loaded.model)
         reporter.stage("model_loaded", model=loaded.info(device.name))
         reporter.stage("baseline_eval")
         with watch("eval_before"), loaded.model.disable_adapter():

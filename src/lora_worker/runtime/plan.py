@@ -11,7 +11,7 @@ import importlib.util
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,10 +20,16 @@ from lora_worker.runtime.device import Device
 from lora_worker.runtime.evaluation.evidence import JudgeSettings, estimate_judge
 from lora_worker.runtime.evaluation.scenarios import Scenario
 from lora_worker.runtime.gpu_rates import estimate as rate_estimate
-from lora_worker.runtime.model.memory import GpuMemoryError, MemoryEstimate, check_fits, estimate_memory
+from lora_worker.runtime.model.memory import (
+    GpuMemoryError,
+    MemoryEstimate,
+    check_fits,
+    estimate_memory,
+    sharded_memory,
+)
 from lora_worker.runtime.model.resolve import ModelMeta
 from lora_worker.runtime.settings import Settings
-from lora_worker.runtime.spec import JobSpec
+from lora_worker.runtime.spec import JobInputError, JobSpec
 from lora_worker.runtime.training.oom import largest_micro_batch
 from lora_worker.runtime.training.ranks import padding_per_step, per_rank_accumulation
 from lora_worker.runtime.training.schedule import few_steps_warning, steps_per_epoch, warmup_steps_for
@@ -62,7 +68,12 @@ class Plan(BaseModel):
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
-    processes: int = Field(1, description="Processes (one per GPU) training the job, data parallel.")
+    processes: int = Field(1, description="Processes (one per GPU) training the job.")
+    parallel_mode: Literal["single", "data_parallel", "fsdp"] = Field(
+        "single",
+        description="`single` (one process), `data_parallel` (each GPU holds the whole model) or `fsdp` "
+        "(FSDP-QLoRA: the model sharded across the GPUs); `memory` is per GPU in that mode.",
+    )
     per_process_accumulation: int = Field(
         1,
         description="Micro-batches each process trains per optimizer step (the step's micro-batches split "
@@ -141,19 +152,27 @@ def plan_job(
     per_epoch = steps_per_epoch(len(batches), hp.gradient_accumulation_steps)
     # one schedule holds every epoch: a step may straddle two epochs, so ceil over the whole
     total = steps_per_epoch(len(batches) * hp.num_epochs, hp.gradient_accumulation_steps)
-    memory = estimate_memory(
-        meta.config,
-        lora_r=hp.lora_r,
-        micro_batch_tokens=largest_micro_batch(data.train, batches, cfg.packing == "packed")[0],
-        eval_tokens=eval_token_budget(spec),
-        upcast_fp32=spec.training.upcast_fp32,
-        liger=liger_will_run(spec, device),
-        optimizer="paged_adamw_8bit" if spec.training.optimizer == "auto" else spec.training.optimizer,
-        gradient_checkpointing=spec.training.gradient_checkpointing,
-        activation_offload=spec.training.activation_offload,
-    )
+
+    def estimate(auto_optimizer: str) -> MemoryEstimate:
+        return estimate_memory(
+            meta.config,
+            lora_r=hp.lora_r,
+            micro_batch_tokens=largest_micro_batch(data.train, batches, cfg.packing == "packed")[0],
+            eval_tokens=eval_token_budget(spec),
+            upcast_fp32=spec.training.upcast_fp32,
+            liger=liger_will_run(spec, device),
+            optimizer=auto_optimizer if spec.training.optimizer == "auto" else spec.training.optimizer,
+            gradient_checkpointing=spec.training.gradient_checkpointing,
+            activation_offload=spec.training.activation_offload,
+        )
+
+    whole = estimate("paged_adamw_8bit")
+    # sharded LoRA weights are stepped by plain AdamW (trainer.resolve_optimizer)
+    sharded = sharded_memory(estimate("adamw_torch"), processes, int(meta.config["num_hidden_layers"]))
+    mode = parallel_mode(spec, whole, device, processes)
+    memory = sharded if mode == "fsdp" else whole
     if device.is_cuda:
-        check_fits_each(memory, device, processes)
+        check_fits_each(memory, device, processes, mode, sharded)
     tokens = data.summary.tokens_total * hp.num_epochs
     # the evidence stage as it would run on a GPU (scenarios, judge), for every card in the table
     judge = estimate_judge(
@@ -189,6 +208,7 @@ def plan_job(
         total_steps=total,
         warmup_steps=warmup_steps_for(total, hp.warmup_ratio),
         processes=processes,
+        parallel_mode=mode,
         per_process_accumulation=per_rank_accumulation(hp.gradient_accumulation_steps, processes),
         tokens_to_train=tokens,
         micro_batch_tokens=spec.micro_batch_tokens,
@@ -197,21 +217,46 @@ def plan_job(
         estimate=here,
         estimates=[e for e in estimates if e is not None],
         evidence=judge.model_dump(),
-        assumptions=ASSUMPTIONS + (PARALLEL_ASSUMPTIONS if processes > 1 else []),
+        assumptions=ASSUMPTIONS + PARALLEL_ASSUMPTIONS.get(mode, []),
         warnings=warnings,
     )
 
 
-def check_fits_each(memory: MemoryEstimate, device: Device, processes: int) -> None:
-    """The one-card pre-flight: data parallel puts the whole model and one micro-batch on every card."""
+def parallel_mode(spec: JobSpec, whole: MemoryEstimate, device: Device, processes: int) -> str:
+    """`single`, `data_parallel` or `fsdp`: the job's `distributed.mode`, or for `auto` data parallel
+    when the whole model and a micro-batch fit one GPU (always on the CPU), else FSDP."""
+    asked = spec.distributed.mode
+    if processes == 1:
+        if asked == "fsdp":
+            raise JobInputError(
+                ["distributed.mode: 'fsdp' shards the model across processes and needs at least 2 "
+                 "(distributed.num_processes, or a worker with more than one GPU)"]
+            )  # fmt: skip
+        return "single"
+    if asked != "auto":
+        return asked
+    if not device.is_cuda:
+        return "data_parallel"
+    try:
+        check_fits(whole, free_bytes=device.free_bytes, margin_gib=MEMORY_MARGIN_GIB)
+    except GpuMemoryError:
+        return "fsdp"
+    return "data_parallel"
+
+
+def check_fits_each(
+    memory: MemoryEstimate, device: Device, processes: int, mode: str, sharded: MemoryEstimate
+) -> None:
+    """The per-GPU pre-flight of the chosen mode (`memory`: its estimate); when data parallel does not
+    fit, the error says whether sharding would."""
     try:
         check_fits(memory, free_bytes=device.free_bytes, margin_gib=MEMORY_MARGIN_GIB)
     except GpuMemoryError as err:
-        if processes == 1:
+        if mode != "data_parallel":
             raise
         raise GpuMemoryError(
-            f"{err} More GPUs do not help here: with {processes} processes each GPU holds the whole model "
-            "(data parallel); sharding the model across GPUs (FSDP-QLoRA) is not available in this worker."
+            f"{err} With {processes} processes data parallel, each GPU holds the whole model; "
+            f"distributed.mode 'fsdp' (or 'auto') shards it: about {sharded.peak_gib:.1f} GiB per GPU."
         ) from None
 
 
@@ -222,11 +267,18 @@ ASSUMPTIONS = [
     f"held-out evaluation {EVAL_SPEEDUP:.0f}x faster per token than training; scenario replies and the "
     "judge as estimated in runtime/evaluation/evidence.py",
 ]
-PARALLEL_ASSUMPTIONS = [
-    "data parallel: training runs at the one-GPU rate times the processes that have micro-batches in each "
-    "optimizer step (LoRA gradients all-reduced once per step; not measured); held-out evaluation, samples and "
-    "the judge run on one GPU while the others wait; cost counts every GPU for the whole job",
-]
+PARALLEL_ASSUMPTIONS = {
+    "data_parallel": [
+        "data parallel: training runs at the one-GPU rate times the processes that have micro-batches in each "
+        "optimizer step (LoRA gradients all-reduced once per step; not measured); held-out evaluation, samples "
+        "and the judge run on one GPU while the others wait; cost counts every GPU for the whole job",
+    ],
+    "fsdp": [
+        "fsdp: training time as data parallel, without the all-gathers of every layer's NF4 weights in each "
+        "forward and backward (not measured: a lower bound); held-out evaluation, samples and the judge run "
+        "at the sharded model's speed, every GPU taking part; cost counts every GPU for the whole job",
+    ],
+}
 
 
 def _flops_per_token(config: dict) -> float:

@@ -117,15 +117,22 @@ class TrainingOptions(_Strict):
 
 
 class DistributedOptions(_Strict):
-    """How many processes (one per GPU) train the job. Not part of what the job trains: a checkpoint
-    written by N processes resumes on any other number."""
+    """How many processes (one per GPU) train the job, and how they share it. Not part of what the job
+    trains: a checkpoint written by N processes, in either mode, resumes on any other number."""
 
     num_processes: int | None = Field(
         None,
         ge=1,
         le=8,  # the most GPUs of one type a RunPod host has (tools/deploy.py)
-        description="Processes (one per GPU) that train the job, data parallel: each holds the whole NF4 model "
-        "and trains its share of every optimizer step's micro-batches. Default: every visible GPU, 1 on the CPU.",
+        description="Processes (one per GPU) that train the job; each trains its share of every optimizer "
+        "step's micro-batches. Default: every visible GPU, 1 on the CPU.",
+    )
+    mode: Literal["auto", "data_parallel", "fsdp"] = Field(
+        "auto",
+        description="With more than one process: `data_parallel` (each GPU holds the whole NF4 model; fastest), "
+        "`fsdp` (FSDP-QLoRA: the NF4 weights, LoRA weights and optimizer state sharded across the GPUs, "
+        "each layer gathered for its forward and backward), or `auto`: data parallel when the memory "
+        "estimate fits one GPU, else FSDP.",
     )
 
 

@@ -54,13 +54,13 @@ def base_identity(model_id: str, revision: str | None, path: Path | None) -> Bas
     return BaseIdentity(model_id, revision, path)
 
 
-def adapter_state_dict(model, dtype: AdapterDtype) -> dict[str, torch.Tensor]:
-    """The LoRA weights of `model` (a PeftModel), cast to `dtype`, under PEFT's own parameter names."""
+def adapter_state_dict(model, dtype: AdapterDtype, weights: dict | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA weights of `model` (a PeftModel), cast to `dtype`, under PEFT's own parameter names
+    (`weights`: the model's full state dict, gathered from the ranks of a sharded model)."""
     target = TORCH_DTYPES[dtype]
+    named = weights.items() if weights is not None else model.named_parameters()
     return {
-        name: p.detach().to(device="cpu", dtype=target).contiguous()
-        for name, p in model.named_parameters()
-        if "lora_" in name
+        name: p.detach().to(device="cpu", dtype=target).contiguous() for name, p in named if "lora_" in name
     }
 
 
@@ -71,8 +71,10 @@ def save_adapter(
     *,
     base: BaseIdentity | None = None,
     dtype: AdapterDtype = "bf16",
+    weights: dict | None = None,
 ) -> Path:
     """Write the adapter to `dest` through a temporary folder renamed into place (never half-written).
+    `weights`: as adapter_state_dict's.
 
     `base` names the base model in adapter_config.json and brings its licence files; the model
     card (README.md) is written later by `package_outputs`, once the report's numbers exist.
@@ -84,7 +86,7 @@ def save_adapter(
         model.save_pretrained(
             tmp,
             safe_serialization=True,
-            state_dict=adapter_state_dict(model, dtype),
+            state_dict=adapter_state_dict(model, dtype, weights),
             # never look the base up on the Hub to guess whether the vocabulary was resized: it was not
             save_embedding_layers=False,
         )

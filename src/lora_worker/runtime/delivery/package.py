@@ -97,6 +97,7 @@ def build_report(
             "gradient_accumulation_steps": outcome.gradient_accumulation_steps,
             "optimizer_used": outcome.optimizer,
             "liger_used": bool(model_info.get("liger")),
+            "sharded_over": model_info.get("sharded_over", 1),  # FSDP ranks holding the model (1: whole)
             "trainable_params": model_info.get("trainable_params"),
             "device": device.kind,
             "gpu": device.name,

@@ -90,6 +90,9 @@ def _greedy(model, tokenizer, messages, max_new_tokens: int, end_ids: list[int])
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=end_ids or None,
             use_cache=True,
+            # a sharded model's other ranks mirror each forward (parallel/relay.py), not generate's
+            # own per-token agreement, which Transformers turns on for FSDP-managed models
+            synced_gpus=False,
         )
     new = out[0, enc["input_ids"].shape[1] :].tolist()
     ends = set(end_ids)

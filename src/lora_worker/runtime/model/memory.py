@@ -18,7 +18,7 @@ ESTIMATE until the GPU check records real peaks.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from lora_worker.runtime.model.layout import ModelResolutionError
@@ -182,6 +182,19 @@ def estimate_memory(
         upcast_fp32=upcast_fp32,
         liger=liger,
         optimizer=optimizer,
+    )
+
+
+def sharded_memory(estimate: MemoryEstimate, world: int, layers: int) -> MemoryEstimate:
+    """Per GPU under FSDP across `world` GPUs: the weights, LoRA weights and optimizer state split
+    `world` ways, plus two decoder layers' weights whole (the one computing and the next, prefetched),
+    each taken as 1/`layers` of the weights (embeddings and head included: an over-estimate).
+    Activations and logits are a micro-batch's, as on one GPU."""
+    whole_layer = estimate.weights_gib / max(1, layers)
+    return replace(
+        estimate,
+        weights_gib=estimate.weights_gib / world + 2 * whole_layer,
+        lora_gib=estimate.lora_gib / world,
     )
 
 

@@ -30,6 +30,7 @@ from lora_worker.runtime.model.load import (
     lora_config_mismatch,
 )
 from lora_worker.runtime.model.resolve import ModelMeta, ResolvedModel
+from lora_worker.runtime.parallel import fsdp
 from lora_worker.runtime.spec import JobSpec
 from lora_worker.runtime.tasks.adapter_source import AdapterSource, AdapterSourceError, find_adapter
 
@@ -47,6 +48,7 @@ class LoadedModel:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     init_adapter: Path | None = None  # the saved adapter training starts from (warm start), if any
+    sharded_over: int = 1  # FSDP ranks that each hold a share of the model (1: this process holds it whole)
 
     def info(self, device_name: str) -> dict[str, Any]:
         return {
@@ -55,6 +57,7 @@ class LoadedModel:
             "liger": self.liger,
             "gpu": device_name,
             "nf4_copy": self.from_copy is not None,
+            "sharded_over": self.sharded_over,
             "init_adapter": str(self.init_adapter) if self.init_adapter else None,
             "timings_s": self.timings,
         }
@@ -68,12 +71,18 @@ class NF4Base:
     warnings: list[str] = field(default_factory=list)
 
 
-def load_nf4_base(resolved: ResolvedModel, tokenizer, volume_dir: Path, *, use_copy: bool = True) -> NF4Base:
+def load_nf4_base(
+    resolved: ResolvedModel, tokenizer, volume_dir: Path, *, use_copy: bool = True, sharded: bool = False
+) -> NF4Base:
     """The base model in NF4: from the verified copy on the volume when there is one, else quantized
-    on load from the original weights, saving the copy for the next cold start."""
+    on load from the original weights, saving the copy for the next cold start.
+
+    `sharded` (FSDP-QLoRA): NF4 stored in bf16 (load.quantization_config), quantized on load by
+    every rank; the copy on the volume holds the one-GPU storage and is neither used nor written."""
     warnings: list[str] = []
     timings: dict[str, float] = {}
-    cacheable = resolved.source != "local_dir"  # a local directory has no revision to key a copy by
+    # a local directory has no revision to key a copy by
+    cacheable = resolved.source != "local_dir" and not sharded
     copy = None
     if cacheable and use_copy:
         used = nf4_cache.use_prequantized(volume_dir, resolved.model_id, resolved.revision)
@@ -81,7 +90,7 @@ def load_nf4_base(resolved: ResolvedModel, tokenizer, volume_dir: Path, *, use_c
         if used.warning:
             warnings.append(used.warning)
     t = time.monotonic()
-    base = load_base_model(copy or resolved.path, prequantized=copy is not None)
+    base = load_base_model(copy or resolved.path, prequantized=copy is not None, sharded=sharded)
     timings["load_prequantized" if copy else "load_quantize"] = round(time.monotonic() - t, 2)
     if cacheable and copy is None:
         # before the first forward pass: on the CPU bitsandbytes repacks weights at first use
@@ -96,13 +105,22 @@ def load_nf4_base(resolved: ResolvedModel, tokenizer, volume_dir: Path, *, use_c
 
 
 def load_for_training(
-    resolved: ResolvedModel, tokenizer, spec: JobSpec, volume_dir: Path, *, use_copy: bool = True
+    resolved: ResolvedModel,
+    tokenizer,
+    spec: JobSpec,
+    volume_dir: Path,
+    *,
+    use_copy: bool = True,
+    shard_over: int = 1,
 ) -> LoadedModel:
     """NF4 base + LoRA: a fresh adapter, or the one `spec.init_adapter` names (a job id on this volume
-    or an adapter folder), checked against the job's LoRA settings before any weight loads."""
+    or an adapter folder), checked against the job's LoRA settings before any weight loads.
+
+    `shard_over` > 1: FSDP-QLoRA across that many ranks (every rank calls this): the NF4 weights
+    stored for FSDP, the model sharded once LoRA is on it (parallel/fsdp.py)."""
     hp, tr = spec.hyperparameters, spec.training
     init = warm_start_source(spec, volume_dir).path if spec.init_adapter else None
-    nf4 = load_nf4_base(resolved, tokenizer, volume_dir, use_copy=use_copy)
+    nf4 = load_nf4_base(resolved, tokenizer, volume_dir, use_copy=use_copy, sharded=shard_over > 1)
     warnings = list(nf4.warnings)
     model, liger = add_lora(
         nf4.model,
@@ -121,8 +139,10 @@ def load_for_training(
             "training.liger_kernels is 'off', but an earlier job in this worker process applied Liger's "
             "kernels, which cannot be removed from a running process: this job ran with them"
         )
-    trainable, total = count_params(model)
-    return LoadedModel(model, liger, trainable, total, nf4.from_copy, nf4.timings, warnings, init)
+    trainable, total = count_params(model)  # before sharding: the whole model's
+    if shard_over > 1:
+        fsdp.shard_model(model, shard_over)
+    return LoadedModel(model, liger, trainable, total, nf4.from_copy, nf4.timings, warnings, init, shard_over)
 
 
 def load_for_inference(
@@ -228,10 +248,12 @@ def load_checked(
     spec: JobSpec,
     volume_dir: Path,
     first_eval: Callable[[LoadedModel], T],
+    shard_over: int = 1,
 ) -> tuple[LoadedModel, T]:
     """Load, then run `first_eval(loaded)`; a non-finite result from an NF4 copy discards the copy
-    and rebuilds from the original weights once. Raises NonFiniteLoss when the rebuild fails too."""
-    loaded = load_for_training(resolved, tokenizer, spec, volume_dir)
+    and rebuilds from the original weights once. Raises NonFiniteLoss when the rebuild fails too.
+    `shard_over`: as load_for_training's (a sharded model never comes from the copy)."""
+    loaded = load_for_training(resolved, tokenizer, spec, volume_dir, shard_over=shard_over)
     try:
         return loaded, first_eval(loaded)
     except NonFiniteLoss as err:

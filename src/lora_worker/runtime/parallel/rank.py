@@ -29,6 +29,7 @@ from lora_worker.runtime.model.load import load_tokenizer
 from lora_worker.runtime.model.prepare import load_for_training
 from lora_worker.runtime.parallel.agent import watch_parent
 from lora_worker.runtime.parallel.handoff import Group
+from lora_worker.runtime.parallel.relay import TRAIN, serve
 from lora_worker.runtime.parallel.rundir import GroupDir, LaunchRequest, ProgressFile, RankExit
 from lora_worker.runtime.settings import Settings
 from lora_worker.runtime.spec import JobSpec, parse_job_input
@@ -91,22 +92,30 @@ def lead(group: Group, request: LaunchRequest, gdir: GroupDir, settings: Setting
         log.warning("job %s: %s", spec.job_id, err)
         output = outcomes.refused(spec.job_id, str(err), device)
     finally:
-        group.hand_off(None)  # the job ended before training: the other ranks exit
+        group.close()  # the other ranks exit, if they wait for rank 0
     atomic_write_json(gdir.output_file, output)
     return 0
 
 
 def follow(group: Group, settings: Settings) -> int:
-    """Ranks > 0: wait for rank 0's handoff, load the same model, train, exit."""
+    """Ranks > 0: wait for rank 0's handoff, load the same model, train, exit. Sharded, serve rank 0's
+    forwards before and after training too (relay.py)."""
     handoff = group.receive()
     if handoff is None:
         return 0
     tokenizer = load_tokenizer(handoff.weights.path)
-    loaded = load_for_training(handoff.weights, tokenizer, handoff.spec, settings.volume_dir)
+    loaded = load_for_training(
+        handoff.weights, tokenizer, handoff.spec, settings.volume_dir, shard_over=handoff.shard_over
+    )
+    sharded = handoff.shard_over > 1
+    if sharded and serve(loaded.model, group.ranks) != TRAIN:
+        return 0
     train(
         loaded.model, handoff.train, handoff.pad_id, handoff.cfg, [], resume=handoff.resume,
         ranks=group.ranks, recoveries=group.recoveries,
     )  # fmt: skip
+    if sharded:
+        serve(loaded.model, group.ranks)  # rank 0's evaluation and the adapter's gathering, to the end
     return 0
 
 

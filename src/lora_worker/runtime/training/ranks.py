@@ -1,7 +1,7 @@
 """Training on N processes (one per GPU) with the stock Trainer: the schedule each rank reads, and
 the decisions every rank must take together.
 
-The Trainer under `torchrun` (Accelerate's DDP, or FSDP2 through Accelerate's FSDP plugin) gives
+The Trainer under `torchrun` (Accelerate's DDP, or a model sharded by parallel/fsdp.py) gives
 rank r the dataset items r, r + N, r + 2N, ... (Accelerate's `BatchSamplerShard`, round-robin over
 batches of one micro-batch). `shard_schedule` pads each optimizer step's micro-batches to a multiple
 of N with empty micro-batches, so every step's micro-batches are split across the ranks and each

@@ -31,6 +31,8 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from lora_worker.runtime.data.batches import collate, collate_packed, plan_micro_batches, plan_packed
 from lora_worker.runtime.device import free_accelerator_memory
+from lora_worker.runtime.parallel import fsdp
+from lora_worker.runtime.parallel.relay import AnnounceStepEnd, ServeStepEnd
 from lora_worker.runtime.training.callbacks import JobEpochs, NonFiniteGuard
 from lora_worker.runtime.training.checkpoints import (
     CheckpointCallback,
@@ -152,11 +154,13 @@ def padding_fraction(examples: Sequence, schedule: list[list[int]], packed: bool
     return round(1 - real / padded, 4) if padded else 0.0
 
 
-def resolve_optimizer(name: str, device: str) -> str:
+def resolve_optimizer(name: str, device: str, sharded: bool = False) -> str:
     if name != "auto":
         return name
-    # 8-bit paged AdamW needs bitsandbytes' CUDA kernels; on the CPU plain AdamW.
-    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+    # 8-bit paged AdamW needs bitsandbytes' CUDA kernels; on the CPU plain AdamW. Sharded (FSDP)
+    # LoRA weights are DTensors, which bitsandbytes' optimizers cannot step: plain AdamW, whose
+    # state is sharded with them.
+    return "paged_adamw_8bit" if device == "cuda" and not sharded else "adamw_torch"
 
 
 def adapter_update_norm(model) -> float:
@@ -166,15 +170,13 @@ def adapter_update_norm(model) -> float:
     a norm of 0.0 after training means no optimizer step moved it and the saved adapter would
     change no logit.
     """
-    total = 0.0
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            total += float(p.detach().float().pow(2).sum())
-    return total**0.5
+    # collective when the model is sharded: every rank calls it, for the same parameters
+    return sum(fsdp.full_norm_squared(p) for n, p in model.named_parameters() if "lora_B" in n) ** 0.5
 
 
-def training_arguments(cfg: TrainConfig, device: str) -> TrainingArguments:
-    """The Trainer's arguments; under torchrun the Trainer (Accelerate) adds DDP by itself."""
+def training_arguments(cfg: TrainConfig, device: str, sharded: bool = False) -> TrainingArguments:
+    """The Trainer's arguments; under torchrun the Trainer (Accelerate) adds DDP by itself, except to a
+    `sharded` (FSDP) model, whose checkpoints FsdpSaver writes (the Trainer would save no optimizer)."""
     sequential = "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}
     return TrainingArguments(
         output_dir=str(cfg.output_dir),
@@ -184,7 +186,7 @@ def training_arguments(cfg: TrainConfig, device: str) -> TrainingArguments:
         learning_rate=cfg.learning_rate,
         max_grad_norm=cfg.max_grad_norm,
         weight_decay=0.0,
-        optim=resolve_optimizer(cfg.optimizer, device),
+        optim=resolve_optimizer(cfg.optimizer, device, sharded),
         bf16=True,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -200,7 +202,7 @@ def training_arguments(cfg: TrainConfig, device: str) -> TrainingArguments:
         remove_unused_columns=False,
         use_cpu=device == "cpu",
         disable_tqdm=True,
-        save_only_model=False,
+        save_only_model=sharded,
         # one optimizer step's loss is averaged over its trained tokens on every rank (see ranks.py)
         average_tokens_across_devices=True,
         ddp_timeout=COLLECTIVE_TIMEOUT_S,
@@ -230,13 +232,15 @@ def build_trainer(
     if schedule is None:
         schedule = make_schedule(plan_batches(examples, cfg), cfg.num_epochs, cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sharded, per_rank = shard_schedule(schedule, cfg.gradient_accumulation_steps, world)
-    args = training_arguments(replace(cfg, gradient_accumulation_steps=per_rank), device)
+    split, per_rank = shard_schedule(schedule, cfg.gradient_accumulation_steps, world)
+    args = training_arguments(
+        replace(cfg, gradient_accumulation_steps=per_rank), device, fsdp.is_sharded(model)
+    )
     if optimizers is None:
         optimizer = build_optimizer(model, args)
         total = steps_per_epoch(len(schedule), cfg.gradient_accumulation_steps)
         optimizers = (optimizer, build_scheduler(optimizer, total_steps=total, warmup_ratio=cfg.warmup_ratio))
-    dataset = MicroBatches(examples, sharded, pad_id, packed=cfg.packing == "packed")
+    dataset = MicroBatches(examples, split, pad_id, packed=cfg.packing == "packed")
     trainer = Trainer(
         model=model,
         args=args,
@@ -310,20 +314,25 @@ def train(
         clean_incomplete(cfg.output_dir)
         log.info("%s", resume.reason)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    sharded = fsdp.is_sharded(model)
     schedule, run_cfg = make_schedule(plan_batches(examples, cfg), cfg.num_epochs, cfg.seed), cfg
     for _ in recoveries:  # an earlier launch's splits: same steps, smaller micro-batches
         schedule = split_schedule(schedule)
         run_cfg = replace(run_cfg, gradient_accumulation_steps=run_cfg.gradient_accumulation_steps * 2)
-    optimizer = build_optimizer(model, training_arguments(cfg, device))
+    optimizer = build_optimizer(model, training_arguments(cfg, device, sharded))
     total = steps_per_epoch(len(schedule), run_cfg.gradient_accumulation_steps)
     scheduler = build_scheduler(optimizer, total_steps=total, warmup_ratio=cfg.warmup_ratio)
     phase = StepPhase()
-    all_callbacks = _with_installed(callbacks, phase, cfg, ranks)
+    all_callbacks = _with_installed(callbacks, phase, cfg, ranks, sharded)
     offload = install_activation_offload(model) if cfg.activation_offload else None
     recoveries = list(recoveries)
     start = str(resume.checkpoint) if resume.checkpoint else None
     try:
         with tempfile.TemporaryDirectory(prefix="lora-oom-recovery-") as scratch:
+            if sharded and start:  # the optimizer into this rank's shards; the Trainer loads the rest
+                start = fsdp.load_resume_state(
+                    model, optimizer, scheduler, Path(start), Path(scratch) / "resume"
+                )
             while True:
                 trainer, _ = build_trainer(
                     model, examples, pad_id, run_cfg, all_callbacks, schedule, (optimizer, scheduler), world
@@ -361,17 +370,50 @@ def train(
             offload.remove()
 
 
-def _with_installed(callbacks: list, phase: StepPhase, cfg: TrainConfig, ranks: Ranks | None) -> list:
+def _with_installed(
+    callbacks: list, phase: StepPhase, cfg: TrainConfig, ranks: Ranks | None, sharded: bool = False
+) -> list:
     """The caller's callbacks among those train() installs. Order matters: StepPhase first (it must
     see every step end), the saver after every callback that may ask for a save, the guard last so
     nothing re-enables a save after a NaN, then rank 0's decisions broadcast to the other ranks, and
-    the reporting integrations (rank 0 only) after JobEpochs has rewritten the epochs."""
+    the reporting integrations (rank 0 only) after JobEpochs has rewritten the epochs.
+
+    Sharded (FSDP) across `ranks`: the other ranks serve rank 0's forwards where its callbacks run
+    (relay.py), and the agreed saves are written by FsdpSaver, after the agreement."""
     saver = CheckpointCallback(
         cfg.output_dir, minutes=cfg.checkpoint_minutes, keep=cfg.keep_checkpoints, ranks=ranks
     )
     agree = [RankZeroDecides(ranks)] if ranks else []
     reports = reporting_callbacks(cfg) if ranks is None or ranks.is_zero else []
-    return [phase, JobEpochs(cfg.num_epochs), *callbacks, saver, NonFiniteGuard(), *agree, *reports]
+    relay, sharded_saves = [], []
+    if sharded and ranks is not None:
+        relay = [AnnounceStepEnd(ranks) if ranks.is_zero else ServeStepEnd(ranks)]
+        sharded_saves = [FsdpSaver(saver)]
+    tail = [saver, NonFiniteGuard(), *agree, *sharded_saves, *reports]
+    return [phase, JobEpochs(cfg.num_epochs), *callbacks, *relay, *tail]
+
+
+class FsdpSaver(TrainerCallback):
+    """Writes the agreed checkpoint of a sharded model itself (fsdp.save_checkpoint, every rank), then
+    completes it as CheckpointCallback does, and tells the Trainer it is saved. A save asked for at a
+    step that logs is written after the log, where the Trainer would write it."""
+
+    def __init__(self, saver: CheckpointCallback):
+        self.saver = saver
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and not control.should_log:
+            self._save(args, state, control, **kwargs)
+
+    def on_log(self, args, state, control, **kwargs):
+        if control.should_save:
+            self._save(args, state, control, **kwargs)
+
+    def _save(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds ours
+        fsdp.save_checkpoint(model, inner, lr_scheduler, state, self.saver.folder)
+        self.saver.on_save(args, state, control)
+        control.should_save = False
 
 
 def _recovery_point(trainer, model, folder: Path, checkpoints: Path, start: str | None) -> str | None:
