@@ -472,7 +472,9 @@ def adapter_tensors(result: dict) -> dict:
 @pytest.mark.e2e
 def test_a_sharded_job_trains_the_same_steps_as_one_process(tiny_model, small_dataset, tmp_path, reference):
     settings = Settings.from_env({"VOLUME_DIR": str(tmp_path)})
-    result = run_job(job(tiny_model, small_dataset, "sharded", 2, "fsdp"), settings=settings)
+    replies = {"num_samples": 1, "num_scenarios": 1}  # generation (base and adapted) on the sharded model
+    job_input = job(tiny_model, small_dataset, "sharded", 2, "fsdp")
+    result = run_job({**job_input, "evaluation": {**job_input["evaluation"], **replies}}, settings=settings)
     assert result["status"] == "completed", result
     assert report_settings(result)["sharded_over"] == 2 and result["gpu"] == "2x cpu"
     assert_same_curve(result, reference)
@@ -480,6 +482,14 @@ def test_a_sharded_job_trains_the_same_steps_as_one_process(tiny_model, small_da
         reference["metrics"]["eval_loss_before"], abs=TOLERANCE
     )
     assert not rank_processes(tmp_path)
+    # the base model's greedy reply, token by token through the relayed forwards, is one process's
+    whole_input = job(tiny_model, small_dataset, "whole", 1)
+    whole = run_job(
+        {**whole_input, "evaluation": {**whole_input["evaluation"], **replies}}, settings=settings
+    )
+    (sample,) = json.loads(Path(result["report"]["json"]).read_text())["samples"]
+    (whole_sample,) = json.loads(Path(whole["report"]["json"]).read_text())["samples"]
+    assert sample["base"] and sample["adapted"] and sample["base"] == whole_sample["base"]
     # the adapter, gathered from the shards, is the one-process adapter: same names, shapes, and weights
     got, want = adapter_tensors(result), adapter_tensors(reference)
     assert sorted(got) == sorted(want) and len(got) == 28
