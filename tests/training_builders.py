@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from lora_worker.runtime.data.examples import Example
+from lora_worker.runtime.model.load import keep_cpu_layout
 from lora_worker.runtime.training.trainer import TrainConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -19,11 +20,13 @@ PAD_ID = 645  # the tiny tokenizer's pad token
 
 
 def base_model(path: Path, **load):
-    """The model in bf16 (`load`: more `from_pretrained` arguments), frozen, without a KV cache."""
+    """The model in bf16 (`load`: more `from_pretrained` arguments, NF4 among them), frozen, without a
+    KV cache, on the worker's NF4 kernels (no CPU inference repack: load.keep_cpu_layout)."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **load)
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
+    keep_cpu_layout(model)
     return model
 
 
