@@ -13,7 +13,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lora_worker.runtime.model.load import load_base_model, load_tokenizer, quantization_config
+from lora_worker.runtime.model.load import (
+    keep_cpu_layout,
+    load_base_model,
+    load_tokenizer,
+    quantization_config,
+)
 from lora_worker.runtime.model.nf4_cache import (
     check_prequantized,
     discard_prequantized,
@@ -78,6 +83,7 @@ def test_the_copy_round_trips_bit_identically(saved: Saved, copy_on_volume: tupl
         found.path, dtype=torch.bfloat16, device_map={"": "cpu"}, trust_remote_code=False
     )
     assert isinstance(reloaded.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    keep_cpu_layout(reloaded)  # the kernel the worker's loader gave the saved model
     ids = saved.tokenizer("How much should I save each month?", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(saved.model(ids).logits, reloaded(ids).logits)
