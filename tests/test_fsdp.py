@@ -6,7 +6,8 @@ What runs where, with the pinned versions:
   LoRA layer on an NF4 weight that FSDP has already turned into a DTensor.
 - QLoRA sharded by PyTorch's own `fully_shard` (NF4 stored in bf16, LoRA added before sharding)
   runs on the CPU too: checked here against one process, losses and trained LoRA weights, with a
-  plain loop (the Trainer does not run such a model on the CPU: see below).
+  plain loop. The worker's own FSDP job mode trains such a model on the stock Trainer (its
+  sharded-at-load path, runtime/parallel/fsdp.py), checked as whole jobs in test_multi_gpu.py.
 - FSDP-QLoRA as the PEFT and bitsandbytes docs give it (NF4 stored in bf16, LoRA added before
   wrapping, Accelerate's FSDP2 plugin) needs CUDA: on the CPU Accelerate ignores the plugin and
   falls back to DDP. Its run script is checked here in one process, checkpoint and resume

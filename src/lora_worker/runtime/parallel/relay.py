@@ -15,16 +15,12 @@ The announcements go over the gloo control group (ranks.py), one small pickled m
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
 from lora_worker.runtime.parallel.fsdp import gather_state_dict
 from lora_worker.runtime.training.ranks import Ranks
-
-log = logging.getLogger(__name__)
 
 FORWARD, GATHER, TRAIN, CONTINUE, END = "forward", "gather", "train", "continue", "end"
 
