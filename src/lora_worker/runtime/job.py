@@ -299,7 +299,7 @@ def train_job(
     reporter.stage("saving")
     with watch("save"):
         base = base_identity(weights.model_id, weights.revision, weights.path)
-        gathered = group.relay.gather(model) if group is not None and group.relay is not None else None
+        gathered = group.gather(model) if group is not None else None
         adapter = save_adapter(
             model, p.tokenizer, paths.adapter, base=base, dtype=spec.output.adapter_dtype, weights=gathered
         )
@@ -410,8 +410,8 @@ def baseline(
     every forward of the model from here on is announced to the other ranks (parallel/relay.py)."""
 
     def first_eval(loaded: LoadedModel) -> HeldOutLoss | None:
-        if group is not None and group.relay is not None:
-            group.relay.attach(loaded.model)
+        if group is not None:
+            group.announce_forwards(loaded.model)
         reporter.stage("model_loaded", model=loaded.info(device.name))
         reporter.stage("baseline_eval")
         with watch("eval_before"), loaded.model.disable_adapter():

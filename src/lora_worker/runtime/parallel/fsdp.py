@@ -41,16 +41,11 @@ FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 TRAINER_FILES = ("trainer_state.json",)  # what the Trainer reads of a resume folder besides the adapter
 
 
-def decoder_layers(model) -> list:
-    """The decoder layers of a PeftModel over a Llama-architecture causal LM."""
-    return list(model.get_base_model().model.layers)
-
-
 def shard_model(model, world: int):
     """Shard `model` (a PeftModel, LoRA already added) across the default process group: every decoder
     layer, then the root. In place; returns the model."""
-    base = model.get_base_model()
-    for layer in decoder_layers(model):
+    base = model.get_base_model()  # a Llama-architecture causal LM
+    for layer in base.model.layers:
         fully_shard(layer)
     fully_shard(base)
     mark_sharded(base, world)

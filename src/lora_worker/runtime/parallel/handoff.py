@@ -54,6 +54,15 @@ class Group:
         if handoff is not None and handoff.shard_over > 1:
             self.relay = Relay(self.ranks)
 
+    def announce_forwards(self, model) -> None:
+        """Rank 0 of a sharded job: from now on the other ranks mirror `model`'s forwards (relay.py)."""
+        if self.relay is not None:
+            self.relay.attach(model)
+
+    def gather(self, model) -> dict | None:
+        """Rank 0 of a sharded job: the model's full state dict, gathered from every rank; else None."""
+        return self.relay.gather(model) if self.relay is not None else None
+
     def start_training(self, handoff: Handoff) -> None:
         """Rank 0, about to train: data parallel the handoff, sharded the announcement."""
         if self.relay is None:
